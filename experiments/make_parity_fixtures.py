@@ -1,0 +1,102 @@
+"""Regenerates tests/fixtures/*: reference outputs of the published PyTorch code.
+
+Needs torch and checkouts of the reference repositories (not vendored here):
+  python experiments/make_parity_fixtures.py \
+      --refinenet_pytorch=/path/to/DrSleep/refinenet-pytorch \
+      --light_weight_refinenet=/path/to/DrSleep/light-weight-refinenet
+
+For each reference model it takes the state-dict key list, fills it with
+``refinenet_jax.testing.synthetic_state_dict(keys, seed)`` (non-default BN statistics), runs the
+model in eval mode on an input whose sides are not multiples of 32, and stores keys, shapes,
+input and logits. CI regenerates the same weights from the seed, so no weights are stored.
+It also stores tiny checkpoints written by real ``torch.save`` (zip and legacy formats) so the
+torch-free reader is tested against the real thing.
+"""
+import argparse
+import collections
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from refinenet_jax.testing import synthetic_state_dict  # noqa: E402
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'fixtures')
+INPUT_SHAPE = (2, 3, 61, 83)  # NCHW, neither side a multiple of 32
+
+
+def _import_reference(repo, ctor):
+  for mod in [m for m in sys.modules if m.split('.')[0] in ('models', 'utils')]:
+    del sys.modules[mod]
+  sys.path.insert(0, repo)
+  try:
+    import models.resnet as ref  # noqa: PLC0415  (the reference repo's module)
+    return getattr(ref, ctor)
+  finally:
+    sys.path.remove(repo)
+
+
+def _commit(repo):
+  marker = os.path.join(repo, 'COMMIT')  # for trees exported with `git archive`
+  if os.path.exists(marker):
+    return open(marker).read().strip()
+  try:
+    return subprocess.check_output(['git', '-C', repo, 'rev-parse', 'HEAD'], text=True,
+                                   stderr=subprocess.DEVNULL).strip()
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+
+
+def make_parity(repo, ctor, out_name, seed, num_classes=21):
+  model = _import_reference(repo, ctor)(num_classes, imagenet=False, pretrained=False)
+  keys = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+  sd = synthetic_state_dict(keys, seed)
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  model.eval()
+  x = (np.random.default_rng(seed + 1).random(INPUT_SHAPE) * 4 - 2).astype(np.float32)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(x)).numpy()
+  np.savez_compressed(
+      os.path.join(HERE, out_name), seed=seed, keys=np.array([k for k, _ in keys]),
+      shapes=np.array([repr(s) for _, s in keys]), input_nhwc=x.transpose(0, 2, 3, 1),
+      logits_nhwc=logits.transpose(0, 2, 3, 1), torch_version=torch.__version__,
+      reference=f'{os.path.basename(os.path.normpath(repo))}@{_commit(repo)}:{ctor}')
+  print(out_name, ctor, len(keys), 'tensors; logits', logits.shape,
+        'max|logit|', float(np.abs(logits).max()))
+
+
+def make_torch_io():
+  g = torch.Generator().manual_seed(0)
+  sd = collections.OrderedDict()
+  sd['conv.weight'] = torch.randn(4, 3, 3, 3, generator=g)
+  sd['bn.running_mean'] = torch.randn(4, generator=g)
+  sd['bn.num_batches_tracked'] = torch.tensor(7)
+  sd['transposed'] = torch.arange(12, dtype=torch.float32).reshape(3, 4).t()  # strided view
+  sd['slice'] = torch.randn(10, generator=g)[3:8]  # storage offset
+  sd['half'] = torch.randn(5, generator=g).half()
+  sd['bf16'] = torch.randn(2, 3, generator=g).bfloat16()
+  sd['int'] = torch.arange(5, dtype=torch.int32)
+  torch.save(sd, os.path.join(HERE, 'torch_io_zip.pth'))
+  torch.save({'segmenter': collections.OrderedDict(('module.' + k, v) for k, v in sd.items()),
+              'epoch_start': 3}, os.path.join(HERE, 'torch_io_legacy.pth'),
+             _use_new_zipfile_serialization=False)
+  np.savez(os.path.join(HERE, 'torch_io_expected.npz'),
+           **{k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+              for k, v in sd.items()})
+  print('torch_io fixtures written')
+
+
+if __name__ == '__main__':
+  p = argparse.ArgumentParser()
+  p.add_argument('--refinenet_pytorch', required=True)
+  p.add_argument('--light_weight_refinenet', required=True)
+  p.add_argument('--seed', type=int, default=0)
+  a = p.parse_args()
+  torch.manual_seed(0)
+  os.makedirs(HERE, exist_ok=True)
+  make_torch_io()
+  make_parity(a.refinenet_pytorch, 'rf101', 'parity_refinenet_r101.npz', a.seed)
+  make_parity(a.light_weight_refinenet, 'rf_lw50', 'parity_lw_refinenet_r50.npz', a.seed)

@@ -1,0 +1,43 @@
+"""Converts a PyTorch checkpoint into an orbax checkpoint for a registered model.
+
+  python -m refinenet_jax.convert --model=refinenet_r101 --num_classes=21 \
+      --layout=drsleep --checkpoint=refinenet101_voc.pth --output=/tmp/rf101_voc
+
+``--layout=torchvision_resnet`` imports ImageNet encoder weights and initialises the decoder
+from ``--seed``. Import is strict: any missing, unexpected or mis-shaped tensor aborts.
+"""
+import argparse
+import json
+import sys
+
+import jax
+
+from refinenet_jax.convert.orbax_io import save_converted
+from refinenet_jax.convert.refinenet_torch import LAYOUTS, import_state_dict
+from refinenet_jax.models import create_model, list_models
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='python -m refinenet_jax.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--model', required=True, choices=list_models(), metavar='NAME')
+  p.add_argument('--num_classes', type=int, required=True)
+  p.add_argument('--layout', required=True, choices=sorted(LAYOUTS))
+  p.add_argument('--checkpoint', required=True, help='.pth/.pt file written by torch.save')
+  p.add_argument('--output', required=True, help='directory for the orbax checkpoint')
+  p.add_argument('--overrides', default='{}', help='JSON dict of model field overrides')
+  p.add_argument('--seed', type=int, default=0, help='decoder init seed (encoder-only layouts)')
+  a = p.parse_args(argv)
+  overrides = json.loads(a.overrides)
+  model = create_model(a.model, a.num_classes, **overrides)
+  variables = import_state_dict(model, a.checkpoint, a.layout, rng=jax.random.key(a.seed))
+  out = save_converted(a.output, variables, model_name=a.model, num_classes=a.num_classes,
+                       overrides=overrides, source=f'{a.layout}:{a.checkpoint}')
+  n = sum(x.size for x in jax.tree.leaves(variables['params']))
+  print(f'wrote {out} ({a.model}, {a.num_classes} classes, {n:,} parameters, '
+        f'input normalisation {model.normalization!r})')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,64 @@
+"""Converted weights as an orbax checkpoint plus a JSON description of the model they fit."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
+from refinenet_jax.models import create_model
+
+META = 'refinenet_jax_model.json'
+
+
+def save_converted(path, variables, *, model_name: str, num_classes: int, overrides=None,
+                   source: str = ''):
+  """Writes ``variables`` under ``path/variables`` and the model spec to ``path/META``."""
+  path = os.path.abspath(os.fspath(path))
+  model = create_model(model_name, num_classes, **(overrides or {}))
+  os.makedirs(path, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(path, 'variables'), jax.tree.map(np.asarray, variables), force=True)
+    ckptr.wait_until_finished()
+  meta = {'model': model_name, 'num_classes': num_classes, 'overrides': overrides or {},
+          'normalization': model.normalization, 'source': source}
+  with open(os.path.join(path, META), 'w') as f:
+    json.dump(meta, f, indent=2)
+  return path
+
+
+def load_converted(path, *, expect_model: str | None = None,
+                   expect_num_classes: int | None = None, input_shape=(1, 64, 64, 3)):
+  """Returns ``(model, variables)``; refuses a checkpoint that does not fit, naming the leaves."""
+  path = os.path.abspath(os.fspath(path))
+  meta_file = os.path.join(path, META)
+  if not os.path.exists(meta_file):
+    raise FileNotFoundError(f'{path} is not a converted checkpoint (no {META})')
+  with open(meta_file) as f:
+    meta = json.load(f)
+  if expect_model is not None and meta['model'] != expect_model:
+    raise ValueError(f'{path} holds {meta["model"]}, not {expect_model}')
+  if expect_num_classes is not None and meta['num_classes'] != expect_num_classes:
+    raise ValueError(f'{path} has {meta["num_classes"]} classes, expected {expect_num_classes}')
+  model = create_model(meta['model'], meta['num_classes'], **meta['overrides'])
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(os.path.join(path, 'variables'))
+    stored = getattr(stored, 'item_metadata', stored)
+    want = {'/'.join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(
+        dict(abstract)).items()}
+    have = {'/'.join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(
+        dict(stored)).items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    mismatched = [f'{k}: {have[k]} vs {want[k]}' for k in sorted(set(want) & set(have))
+                  if have[k] != want[k]]
+    if missing or unexpected or mismatched:
+      raise CheckpointMismatchError(missing, unexpected, mismatched, f' ({path})')
+    variables = ckptr.restore(os.path.join(path, 'variables'), abstract)
+  return model, variables

@@ -1,0 +1,109 @@
+"""ResNet encoders (bottleneck) returning the four stage outputs at strides 4/8/16/32.
+
+Names mirror torchvision (``layer{s}_{b}/conv1`` ...) so that weight import is a fixed rule.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from refinenet_jax.models.layers import conv
+
+Dtype = Any
+
+RESNET_STAGES = {
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+STRIDE_STYLES = ('v1.5', 'v1')
+
+
+def _bn(name, use_running_average, dtype, momentum, scale_init=nn.initializers.ones):
+  # PyTorch momentum 0.1 == flax momentum 0.9; eps as torchvision / MatConvNet.
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum, epsilon=1e-5,
+                      dtype=dtype, param_dtype=jnp.float32, scale_init=scale_init, name=name)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 -> 1x1 bottleneck.
+
+  stride_style 'v1.5' (torchvision, both PyTorch RefineNet ports) puts the stride on the 3x3;
+  'v1' (MSRA/Caffe weights, official MatConvNet RefineNet) puts it on the first 1x1.
+  """
+  width: int
+  stride: int = 1
+  dilation: int = 1
+  downsample: bool = False
+  stride_style: str = 'v1.5'
+  use_running_average: bool = True
+  bn_momentum: float = 0.9
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    s1, s3 = (1, self.stride) if self.stride_style == 'v1.5' else (self.stride, 1)
+    bn = lambda n, **kw: _bn(n, self.use_running_average, self.dtype, self.bn_momentum, **kw)
+    y = conv(self.width, 1, stride=s1, use_bias=False, name='conv1', dtype=self.dtype)(x)
+    y = nn.relu(bn('bn1')(y))
+    y = conv(self.width, 3, stride=s3, dilation=self.dilation, use_bias=False, name='conv2',
+             dtype=self.dtype)(y)
+    y = nn.relu(bn('bn2')(y))
+    y = conv(self.width * 4, 1, use_bias=False, name='conv3', dtype=self.dtype)(y)
+    y = bn('bn3')(y)
+    if self.downsample:
+      x = conv(self.width * 4, 1, stride=self.stride, use_bias=False, name='downsample_conv',
+               dtype=self.dtype)(x)
+      x = bn('downsample_bn')(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """Bottleneck ResNet without pooling/fc; returns (C2, C3, C4, C5).
+
+  output_stride 16/8 replaces the stride of the last one/two stages by dilation exactly as
+  torchvision's ``replace_stride_with_dilation`` does (first block keeps the previous dilation).
+  freeze_bn keeps the stored statistics in training too (the official RefineNet recipe) while
+  scale/bias stay trainable. remat rematerialises each block in the backward pass.
+  """
+  stage_sizes: Sequence[int] = (3, 4, 23, 3)
+  base_width: int = 64
+  stride_style: str = 'v1.5'
+  output_stride: int = 32
+  freeze_bn: bool = False
+  bn_momentum: float = 0.9
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.stride_style not in STRIDE_STYLES:
+      raise ValueError(f'stride_style must be one of {STRIDE_STYLES}, got {self.stride_style!r}')
+    if self.output_stride not in (8, 16, 32):
+      raise ValueError(f'output_stride must be 8, 16 or 32, got {self.output_stride}')
+    use_ra = (not train) or self.freeze_bn
+    x = conv(self.base_width, 7, stride=2, use_bias=False, name='conv1', dtype=self.dtype)(x)
+    x = nn.relu(_bn('bn1', use_ra, self.dtype, self.bn_momentum)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
+    dilated_stages = {32: 0, 16: 1, 8: 2}[self.output_stride]
+    in_features, dilation, feats = self.base_width, 1, []
+    for s, n_blocks in enumerate(self.stage_sizes):
+      width = self.base_width * 2 ** s
+      stride = 1 if s == 0 else 2
+      prev_dilation = dilation
+      if s >= len(self.stage_sizes) - dilated_stages:
+        dilation, stride = dilation * stride, 1
+      for b in range(n_blocks):
+        x = block_cls(
+            width=width, stride=stride if b == 0 else 1,
+            dilation=prev_dilation if b == 0 else dilation,
+            downsample=(b == 0 and (stride != 1 or in_features != width * 4)),
+            stride_style=self.stride_style, use_running_average=use_ra,
+            bn_momentum=self.bn_momentum, dtype=self.dtype, name=f'layer{s + 1}_{b}')(x)
+        in_features = width * 4
+      feats.append(x)
+    return tuple(feats)

@@ -1,0 +1,160 @@
+"""Building blocks shared by the segmentation models (NHWC, linen).
+
+The decoder blocks follow the *released* RefineNet code (DrSleep/refinenet-pytorch and the
+official MatConvNet graphs); options expose the CVPR-paper and "improved pooling" forms.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+RESIZE_MODES = ('align_corners', 'half_pixel')
+
+
+@functools.lru_cache(maxsize=256)
+def _interp_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
+  """(n_out, n_in) linear-interpolation weights along one axis.
+
+  'align_corners' reproduces PyTorch ``F.interpolate(..., align_corners=True)``;
+  'half_pixel' reproduces ``align_corners=False`` (no antialiasing, also when shrinking).
+  As a matrix the resize is a plain matmul, which XLA maps onto the MXU/tensor cores.
+  """
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'unknown resize mode {mode!r}; expected one of {RESIZE_MODES}')
+  out = np.arange(n_out, dtype=np.float64)
+  if mode == 'align_corners':
+    src = out * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros_like(out)
+  else:
+    src = np.maximum((out + 0.5) * (n_in / n_out) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), hi), frac)
+  return m.astype(np.float32)
+
+
+def resize_bilinear(x: jnp.ndarray, size: Sequence[int], mode: str = 'align_corners',
+                    precision=None) -> jnp.ndarray:
+  """Bilinear resize of an NHWC tensor to the exact spatial ``size`` (H, W)."""
+  h_out, w_out = int(size[0]), int(size[1])
+  h_in, w_in = x.shape[1], x.shape[2]
+  if (h_in, w_in) == (h_out, w_out):
+    return x
+  mh = jnp.asarray(_interp_matrix(h_in, h_out, mode), x.dtype)
+  mw = jnp.asarray(_interp_matrix(w_in, w_out, mode), x.dtype)
+  x = jnp.einsum('oh,nhwc->nowc', mh, x, precision=precision)
+  return jnp.einsum('pw,nowc->nopc', mw, x, precision=precision)
+
+
+def max_pool_same(x: jnp.ndarray, window: int) -> jnp.ndarray:
+  """Stride-1 max pool with -inf padding (PyTorch ``MaxPool2d(k, 1, k // 2)``)."""
+  p = window // 2
+  return nn.max_pool(x, (window, window), strides=(1, 1), padding=((p, p), (p, p)))
+
+
+def conv(features: int, kernel: int, *, use_bias: bool, name: str, dtype: Dtype,
+         stride: int = 1, dilation: int = 1, kernel_init=None) -> nn.Conv:
+  """Conv with PyTorch-style symmetric padding, so odd input sizes match exactly."""
+  pad = dilation * (kernel - 1) // 2
+  kwargs = {} if kernel_init is None else {'kernel_init': kernel_init}
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+                 use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name, **kwargs)
+
+
+class RCUStack(nn.Module):
+  """``num_units`` chained Residual Conv Units: x + conv_b(relu(conv_a(relu(x)))).
+
+  The first conv has a bias and the second none, as in the released models.
+  """
+  num_units: int
+  features: int
+  kernel: int = 3
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_units):
+      y = conv(self.features, self.kernel, use_bias=True, name=f'rcu{i}_conv1', dtype=self.dtype)(
+          nn.relu(x))
+      y = conv(self.features, self.kernel, use_bias=False, name=f'rcu{i}_conv2',
+               dtype=self.dtype)(nn.relu(y))
+      x = x + y
+    return x
+
+
+class ChainedResidualPool(nn.Module):
+  """Chained residual pooling after a leading ReLU.
+
+  order='pool_conv': released VOC/Cityscapes models and the CVPR paper (each stage pools, then
+  convolves). order='conv_pool': the official "improved residual pooling" (NYUDv2, Person-Part,
+  PASCAL-Context, SUN-RGBD, ADE20K models). Every stage's output is added to the running sum.
+  """
+  stages: int
+  features: int
+  kernel: int = 3
+  pool_window: int = 5
+  order: str = 'pool_conv'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.order not in ('pool_conv', 'conv_pool'):
+      raise ValueError(f"crp order must be 'pool_conv' or 'conv_pool', got {self.order!r}")
+    x = nn.relu(x)
+    top, out = x, x
+    for j in range(self.stages):
+      c = conv(self.features, self.kernel, use_bias=False, name=f'conv{j}', dtype=self.dtype)
+      if self.order == 'pool_conv':
+        top = c(max_pool_same(top, self.pool_window))
+      else:
+        top = max_pool_same(c(top), self.pool_window)
+      out = out + top
+    return out
+
+
+class RefineBlock(nn.Module):
+  """Multi-resolution fusion + chained residual pooling + output RCUs.
+
+  Inputs are ``(prev, *paths)``; ``prev`` (the coarser block's output) may be None. With more
+  than one input each gets its own no-bias conv to ``features`` at its own (low) resolution, then
+  all are resized to the exact shape of the largest input and summed, so odd sizes work.
+  """
+  features: int
+  path_ids: Sequence[int]
+  crp_stages: int = 4
+  crp_order: str = 'pool_conv'
+  output_rcus: int = 3
+  kernel: int = 3
+  resize_mode: str = 'align_corners'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, prev, paths):
+    named = ([('mrf_prev', prev)] if prev is not None else []) + [
+        (f'mrf_path{t}', p) for t, p in zip(self.path_ids, paths)]
+    if len(named) == 1:
+      x = named[0][1]
+    else:
+      target = max((v.shape[1:3] for _, v in named), key=lambda s: s[0] * s[1])
+      x = None
+      for name, v in named:
+        v = conv(self.features, self.kernel, use_bias=False, name=name, dtype=self.dtype)(v)
+        v = resize_bilinear(v, target, self.resize_mode)
+        x = v if x is None else x + v
+    if self.crp_stages:
+      x = ChainedResidualPool(self.crp_stages, self.features, self.kernel, order=self.crp_order,
+                              dtype=self.dtype, name='crp')(x)
+    # crp_stages=0 (the paper's "no chained pooling" ablation) passes x through, ReLU included,
+    # as the official generator skips the whole pool block.
+    if self.output_rcus:
+      x = RCUStack(self.output_rcus, self.features, self.kernel, self.dtype, name='out_rcu')(x)
+    return x

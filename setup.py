@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name='refinenet_jax',
+    version='0.1.0',
+    description='RefineNet, FCN and ExFuse semantic segmentation in JAX/Flax',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['refinenet_jax', 'refinenet_jax.*', 'configs']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'ml-collections>=1.1.0',
+        'chex>=0.1.92',
+        'absl-py>=2.1',
+        'numpy>=2.0',
+        'tensorflow-datasets>=4.9.10',
+        'grain>=0.2.18',
+        'pillow>=10.0',
+        'opencv-python-headless>=4.8',
+    ],
+    extras_require={
+        'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+        # Only for regenerating parity fixtures / side-by-side benchmarks; never needed to run.
+        'torch': ['torch>=2.3'],
+    },
+)
