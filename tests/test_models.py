@@ -179,6 +179,17 @@ def test_bad_wiring_is_rejected():
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
+def test_decoder_init_defaults_to_official_and_rejects_unknown():
+  m = rj.create_model('refinenet_tiny', 3)
+  assert m.decoder_init == 'official'
+  v = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  k = v['params']['block1']['crp']['conv0']['kernel']
+  assert abs(float(k.std()) - 0.01) < 0.002  # N(0, 0.01) as in the official code
+  with pytest.raises(ValueError, match='decoder_init'):
+    rj.create_model('refinenet_tiny', 3, decoder_init='xavier').init(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
 def test_normalization_is_part_of_the_model():
   assert rj.create_model('refinenet_r101', 21).normalization == 'imagenet'
   img = np.full((1, 2, 2, 3), 255, np.uint8)

@@ -60,6 +60,21 @@ def max_pool_same(x: jnp.ndarray, window: int) -> jnp.ndarray:
   return nn.max_pool(x, (window, window), strides=(1, 1), padding=((p, p), (p, p)))
 
 
+DECODER_INITS = {
+    # official MatConvNet RefineNet: decoder and classifier weights ~ N(0, 0.01), biases 0
+    'official': nn.initializers.normal(0.01),
+    # PyTorch ports (nn.Conv2d default, kaiming_uniform(a=sqrt(5)))
+    'pytorch': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
+    'lecun': nn.initializers.lecun_normal(),
+}
+
+
+def decoder_init(name: str):
+  if name not in DECODER_INITS:
+    raise ValueError(f'unknown decoder_init {name!r}; known: {sorted(DECODER_INITS)}')
+  return DECODER_INITS[name]
+
+
 def conv(features: int, kernel: int, *, use_bias: bool, name: str, dtype: Dtype,
          stride: int = 1, dilation: int = 1, kernel_init=None) -> nn.Conv:
   """Conv with PyTorch-style symmetric padding, so odd input sizes match exactly."""
@@ -79,14 +94,15 @@ class RCUStack(nn.Module):
   features: int
   kernel: int = 3
   dtype: Dtype = jnp.float32
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x):
     for i in range(self.num_units):
-      y = conv(self.features, self.kernel, use_bias=True, name=f'rcu{i}_conv1', dtype=self.dtype)(
-          nn.relu(x))
+      y = conv(self.features, self.kernel, use_bias=True, name=f'rcu{i}_conv1', dtype=self.dtype,
+               kernel_init=self.kernel_init)(nn.relu(x))
       y = conv(self.features, self.kernel, use_bias=False, name=f'rcu{i}_conv2',
-               dtype=self.dtype)(nn.relu(y))
+               dtype=self.dtype, kernel_init=self.kernel_init)(nn.relu(y))
       x = x + y
     return x
 
@@ -104,6 +120,7 @@ class ChainedResidualPool(nn.Module):
   pool_window: int = 5
   order: str = 'pool_conv'
   dtype: Dtype = jnp.float32
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -112,7 +129,8 @@ class ChainedResidualPool(nn.Module):
     x = nn.relu(x)
     top, out = x, x
     for j in range(self.stages):
-      c = conv(self.features, self.kernel, use_bias=False, name=f'conv{j}', dtype=self.dtype)
+      c = conv(self.features, self.kernel, use_bias=False, name=f'conv{j}', dtype=self.dtype,
+               kernel_init=self.kernel_init)
       if self.order == 'pool_conv':
         top = c(max_pool_same(top, self.pool_window))
       else:
@@ -136,6 +154,7 @@ class RefineBlock(nn.Module):
   kernel: int = 3
   resize_mode: str = 'align_corners'
   dtype: Dtype = jnp.float32
+  kernel_init: Any = None
 
   @nn.compact
   def __call__(self, prev, paths):
@@ -147,14 +166,16 @@ class RefineBlock(nn.Module):
       target = max((v.shape[1:3] for _, v in named), key=lambda s: s[0] * s[1])
       x = None
       for name, v in named:
-        v = conv(self.features, self.kernel, use_bias=False, name=name, dtype=self.dtype)(v)
+        v = conv(self.features, self.kernel, use_bias=False, name=name, dtype=self.dtype,
+                 kernel_init=self.kernel_init)(v)
         v = resize_bilinear(v, target, self.resize_mode)
         x = v if x is None else x + v
     if self.crp_stages:
       x = ChainedResidualPool(self.crp_stages, self.features, self.kernel, order=self.crp_order,
-                              dtype=self.dtype, name='crp')(x)
+                              dtype=self.dtype, kernel_init=self.kernel_init, name='crp')(x)
     # crp_stages=0 (the paper's "no chained pooling" ablation) passes x through, ReLU included,
     # as the official generator skips the whole pool block.
     if self.output_rcus:
-      x = RCUStack(self.output_rcus, self.features, self.kernel, self.dtype, name='out_rcu')(x)
+      x = RCUStack(self.output_rcus, self.features, self.kernel, self.dtype, self.kernel_init,
+                   name='out_rcu')(x)
     return x

@@ -10,6 +10,10 @@ Wiring is data: ``path_groups[k]`` names the block (1-based, coarse to fine) tha
 stage-k tap (k=0 is 1/32). (1, 2, 3, 4) is the standard 4-cascade, (1, 1, 1, 1) the single
 block, (1, 1, 2, 2) the 2-cascade. ``input_scales`` with two entries builds the 2-scale model:
 one independent encoder per scale, and block g fuses the stage-g taps of every scale.
+
+Decoder weights start from N(0, 0.01) as in the official code (``decoder_init='official'``):
+the decoder has no normalisation, and default fan-in inits make its residual sums blow up the
+initial logits (std ~7 on the tiny model), which diverges SGD.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from refinenet_jax.models.backbones import RESNET_STAGES, ResNet
-from refinenet_jax.models.layers import RCUStack, RefineBlock, conv, resize_bilinear
+from refinenet_jax.models.layers import RCUStack, RefineBlock, conv, decoder_init
 
 Dtype = Any
 
@@ -48,6 +52,7 @@ class RefineNet(nn.Module):
   tap_dropout: float = 0.5
   head_dropout: float = 0.5
   resize_mode: str = 'align_corners'
+  decoder_init: str = 'official'  # 'official' N(0, 0.01) | 'pytorch' | 'lecun'
   # numerics / memory
   dtype: Dtype = jnp.float32
   remat: bool = False
@@ -69,6 +74,7 @@ class RefineNet(nn.Module):
   def __call__(self, images, train: bool = False):
     """images: (N, H, W, 3) normalised as ``self.normalization``; any H, W >= 1."""
     self._check()
+    k_init = decoder_init(self.decoder_init)
     n_stages = len(self.stage_sizes)
     taps = []  # (tap id, stage index k (0 = coarsest), feature map)
     for si, scale in enumerate(self.input_scales):
@@ -88,10 +94,10 @@ class RefineNet(nn.Module):
 
     def path(t, k, f):
       f = conv(self.path_widths[k], self.decoder_kernel, use_bias=False, name=f'path{t}_adapt',
-               dtype=self.dtype)(f)
+               dtype=self.dtype, kernel_init=k_init)(f)
       if self.adapt_rcus:
         f = RCUStack(self.adapt_rcus, self.path_widths[k], self.decoder_kernel, self.dtype,
-                     name=f'path{t}_rcu')(f)
+                     k_init, name=f'path{t}_rcu')(f)
       return f
 
     adapted = {t: (k, path(t, k, f)) for t, k, f in taps}
@@ -101,13 +107,16 @@ class RefineNet(nn.Module):
       widths = [self.path_widths[adapted[t][0]] for t in ids] + ([width] if x is not None else [])
       width = min(widths)
       x = RefineBlock(width, ids, self.crp_stages, self.crp_order, self.output_rcus,
-                      self.decoder_kernel, self.resize_mode, self.dtype, name=f'block{g}')(
+                      self.decoder_kernel, self.resize_mode, self.dtype, k_init,
+                      name=f'block{g}')(
                           x, [adapted[t][1] for t in ids])
     if self.head_rcus:
-      x = RCUStack(self.head_rcus, width, self.decoder_kernel, self.dtype, name='head_rcu')(x)
+      x = RCUStack(self.head_rcus, width, self.decoder_kernel, self.dtype, k_init,
+                   name='head_rcu')(x)
     if self.head_dropout:
       x = nn.Dropout(self.head_dropout, deterministic=not train)(x)
-    x = conv(self.num_classes, 3, use_bias=True, name='classifier', dtype=self.dtype)(x)
+    x = conv(self.num_classes, 3, use_bias=True, name='classifier', dtype=self.dtype,
+             kernel_init=k_init)(x)
     return x.astype(jnp.float32)
 
 

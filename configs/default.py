@@ -1,0 +1,26 @@
+"""Default config: a small RefineNet on the built-in synthetic scenes, sized for 2 CPU cores."""
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = 'refinenet_tiny'
+  c.model_overrides = ml_collections.ConfigDict({'base_width': 16,
+                                                 'path_widths': (64, 32, 32, 32)})
+  c.dataset = 'synthetic_scenes'
+  c.num_classes = 5
+  c.image_size = 64
+  c.num_train = 1024
+  c.num_val = 128
+  c.data_seed = 0
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.num_steps = 1500
+  c.learning_rate = 0.05
+  c.warmup_steps = 100
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.ignore_label = 255
+  c.seed = 0
+  c.log_every = 100
+  return c

@@ -1,0 +1,70 @@
+"""The main-job trainer end to end on a shrunken config, plus metrics and the built-in data."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from refinenet_jax import metrics, train
+from refinenet_jax.data.synthetic import make_synthetic_scenes
+
+
+def test_confusion_matrix_and_scores_by_hand():
+  labels = jnp.array([[0, 0, 1, 255], [1, 2, 2, 0]])
+  preds = jnp.array([[0, 1, 1, 3], [1, 2, 0, 0]])
+  valid = jnp.array([[True, True, True, True], [True, True, True, False]])
+  cm = np.asarray(metrics.confusion_matrix(preds, labels, 4, valid))
+  # counted pixels: (0,0) (0,1) (1,1) (1,1) (2,2) (2,0); 255 ignored, last pixel masked
+  want = np.zeros((4, 4), int)
+  for g, p in [(0, 0), (0, 1), (1, 1), (1, 1), (2, 2), (2, 0)]:
+    want[g, p] += 1
+  np.testing.assert_array_equal(cm, want)
+  s = metrics.scores(cm)
+  # IoU: c0 1/(2+2-1)=1/3, c1 2/(2+3-2)=2/3, c2 1/(2+1-1)=1/2, c3 absent -> NaN, not averaged
+  np.testing.assert_allclose(s['per_class_iou'][:3], [1 / 3, 2 / 3, 1 / 2])
+  assert np.isnan(s['per_class_iou'][3])
+  assert s['miou'] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+  assert s['pixel_acc'] == pytest.approx(4 / 6)
+  assert s['mean_acc'] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+
+
+def test_synthetic_scenes_deterministic_and_varied():
+  a_img, a_lab = make_synthetic_scenes(6, (40, 48), seed=3)
+  b_img, b_lab = make_synthetic_scenes(6, (40, 48), seed=3)
+  c_img, _ = make_synthetic_scenes(6, (40, 48), seed=4)
+  np.testing.assert_array_equal(a_img, b_img)
+  np.testing.assert_array_equal(a_lab, b_lab)
+  assert not np.array_equal(a_img, c_img)
+  assert a_img.shape == (6, 40, 48, 3) and a_lab.shape == (6, 40, 48)
+  assert len(np.unique(a_lab)) >= 4
+  prefix, _ = make_synthetic_scenes(3, (40, 48), seed=3)
+  np.testing.assert_array_equal(prefix, a_img[:3])
+
+
+def test_nearest_downsample_picks_top_left_of_each_cell():
+  lab = np.arange(8 * 12).reshape(1, 8, 12)
+  out = train.nearest_downsample(lab, (2, 3))
+  np.testing.assert_array_equal(out[0], lab[0, ::4, ::4])
+
+
+def test_train_and_evaluate_smoke(tmp_path):
+  c = get_config()
+  c.model_overrides.base_width = 8
+  c.model_overrides.path_widths = (16, 8, 8, 8)
+  c.image_size, c.num_train, c.num_val = 32, 32, 10  # 10 val images: last eval batch is padded
+  c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps, c.log_every = 8, 4, 12, 2, 4
+  out = train.train_and_evaluate(c, str(tmp_path))
+  saved = json.loads((tmp_path / 'metrics.json').read_text())
+  assert saved['val']['miou'] == out['val']['miou']
+  assert 0.0 <= out['val']['miou'] <= 1.0
+  losses = [h['loss'] for h in out['train_loss']]
+  assert len(losses) == 3 and losses[-1] < losses[0]
+  assert np.all(np.isfinite(losses))
+
+
+def test_unknown_config_key_is_rejected():
+  c = get_config()
+  c.lock()
+  with pytest.raises(AttributeError):
+    c.num_stepz = 3
