@@ -1,5 +1,4 @@
 """Defining properties of the decoder building blocks, each against an independent reference."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -83,8 +83,6 @@ class _Unpickler(pickle.Unpickler):
       return _StorageType(name)
     if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
-    if module == 'torch' and name in ('float32', 'float16', 'bfloat16', 'int64'):
-      return name
     raise pickle.UnpicklingError(f'refusing to load global {module}.{name} from a checkpoint '
                                  '(only tensors and containers are allowed)')
 
