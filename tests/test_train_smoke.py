@@ -42,10 +42,13 @@ def test_synthetic_scenes_deterministic_and_varied():
   np.testing.assert_array_equal(prefix, a_img[:3])
 
 
-def test_nearest_downsample_picks_top_left_of_each_cell():
+def test_nearest_downsample_picks_the_centre_of_each_cell():
   lab = np.arange(8 * 12).reshape(1, 8, 12)
   out = train.nearest_downsample(lab, (2, 3))
-  np.testing.assert_array_equal(out[0], lab[0, ::4, ::4])
+  np.testing.assert_array_equal(out[0], lab[0, 2::4, 2::4])
+  # odd sizes: 9 rows -> 3 output rows take rows 1, 4, 7 (the cell centres)
+  np.testing.assert_array_equal(train.nearest_downsample(np.arange(9).reshape(1, 9, 1),
+                                                         (3, 1))[0, :, 0], [1, 4, 7])
 
 
 def test_train_and_evaluate_smoke(tmp_path):

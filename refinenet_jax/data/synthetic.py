@@ -75,14 +75,14 @@ def _texture(rng, cls, yy, xx):
   angle = rng.uniform(0, np.pi)
   u, v = _rotate(yy, xx, rng.uniform(0, 8), rng.uniform(0, 8), angle)
   if cls == 1:  # stripes
-    return (np.sin(2 * np.pi * u / rng.uniform(4, 7)) > 0).astype(np.float64)
+    return (np.sin(2 * np.pi * u / rng.uniform(5, 8)) > 0).astype(np.float64)
   if cls == 2:  # checkerboard
-    cell = rng.uniform(2.5, 4.5)
+    cell = rng.uniform(3.5, 5.5)
     return ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float64)
   if cls == 3:  # polka dots
-    s = rng.uniform(4.5, 6.5)
+    s = rng.uniform(6, 8)
     du, dv = u - s * np.round(u / s), v - s * np.round(v / s)
-    return (du ** 2 + dv ** 2 <= (0.3 * s) ** 2).astype(np.float64)
+    return (du ** 2 + dv ** 2 <= (0.32 * s) ** 2).astype(np.float64)
   if cls == 4:  # blocky binary noise
     h, w = yy.shape
     return rng.random(((h + 1) // 2, (w + 1) // 2)).round().repeat(2, 0).repeat(2, 1)[:h, :w]
@@ -107,7 +107,7 @@ def _scene(rng, h, w, num_classes):
   size = min(h, w)
   for _ in range(rng.integers(2, 6)):
     cls = int(rng.integers(1, num_classes))
-    r = size * rng.uniform(0.13, 0.3)
+    r = size * rng.uniform(0.14, 0.32)
     cy, cx = rng.uniform(0.1 * h, 0.9 * h), rng.uniform(0.1 * w, 0.9 * w)
     m = _shape_mask(rng, cls, yy, xx, cy, cx, r)
     c = _two_colours(rng)
