@@ -19,6 +19,7 @@ from flax.training import train_state
 from refinenet_jax import metrics
 from refinenet_jax.data.synthetic import CLASS_NAMES, make_synthetic_scenes
 from refinenet_jax.models import create_model
+from refinenet_jax.models.layers import resize_bilinear
 from refinenet_jax.models.preprocessing import normalize_images
 
 
@@ -80,7 +81,7 @@ def eval_step(state, batch, *, model, num_classes, ignore_label):
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                        batch['image'], train=False)
   n, h, w = batch['label'].shape
-  logits = jax.image.resize(logits, (n, h, w, logits.shape[-1]), 'bilinear')
+  logits = resize_bilinear(logits, (h, w), 'half_pixel')
   valid = jnp.broadcast_to(batch['mask'][:, None, None], (n, h, w))
   return metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], num_classes, valid,
                                   ignore_label)
@@ -132,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                            ignore_label=config.ignore_label))
   np_rng = np.random.default_rng(config.seed)
   order, pos = np_rng.permutation(config.num_train), 0
-  history, t0, t_last = [], time.time(), time.time()
+  history, t0, t_last, last_step = [], time.time(), time.time(), 0
   for step in range(1, config.num_steps + 1):
     if pos + config.batch_size > len(order):
       order, pos = np_rng.permutation(config.num_train), 0
@@ -148,11 +149,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       loss = float(m['loss'])
       if not np.isfinite(loss):
         raise FloatingPointError(f'loss became {loss} at step {step}')
-      dt = time.time() - t_last
-      t_last = time.time()
+      now = time.time()
+      rate = (step - last_step) * config.batch_size / (now - t_last)  # first one includes compile
+      t_last, last_step = now, step
       history.append({'step': step, 'loss': loss})
-      print(f'step {step}/{config.num_steps}  loss {loss:.4f}  '
-            f'{config.log_every * config.batch_size / dt:.1f} img/s', flush=True)
+      print(f'step {step}/{config.num_steps}  loss {loss:.4f}  {rate:.1f} img/s', flush=True)
   train_time = time.time() - t0
   result = evaluate(state, eval_fn, val_x, val_y, config, model.normalization)
   for name, iou in zip(CLASS_NAMES, result['per_class_iou']):

@@ -108,8 +108,7 @@ class RefineNet(nn.Module):
       width = min(widths)
       x = RefineBlock(width, ids, self.crp_stages, self.crp_order, self.output_rcus,
                       self.decoder_kernel, self.resize_mode, self.dtype, k_init,
-                      name=f'block{g}')(
-                          x, [adapted[t][1] for t in ids])
+                      name=f'block{g}')(x, [adapted[t][1] for t in ids])
     if self.head_rcus:
       x = RCUStack(self.head_rcus, width, self.decoder_kernel, self.dtype, k_init,
                    name='head_rcu')(x)
