@@ -18,6 +18,10 @@ setup(
         'absl-py>=2.1',
         'numpy>=2.0',
         'tensorflow-datasets>=4.9.10',
+        # tfds 4.9.10 imports it for builders that live in a package but does not declare it
+        'importlib_resources>=6.0',
+        'array-record>=0.8',  # tfds' ArrayRecord writer/reader (no TensorFlow needed)
+        'scipy>=1.11',  # SBD and PASCAL-Context .mat annotations
         'grain>=0.2.18',
         'pillow>=10.0',
         'opencv-python-headless>=4.8',

@@ -1,7 +1,9 @@
 """Minimal single-host trainer for the main job: pure jitted steps, SGD + poly schedule.
 
-Loss at the logits' 1/4 resolution against nearest-downsampled labels (the official recipe);
-evaluation upsamples logits to the label size and counts every val pixel exactly once.
+Data come from a TFDS builder through the grain pipeline as uint8 batches; the model's own
+normalisation is applied on device. Loss at the logits' 1/4 resolution against
+nearest-downsampled labels (the official recipe); evaluation upsamples logits to the label size
+and counts every val pixel exactly once (padding is masked).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import optax
 from flax.training import train_state
 
 from refinenet_jax import metrics
-from refinenet_jax.data.synthetic import CLASS_NAMES, make_synthetic_scenes
+from refinenet_jax.data import datasets, pipeline, transforms
+from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
 from refinenet_jax.models import create_model
 from refinenet_jax.models.layers import resize_bilinear
 from refinenet_jax.models.preprocessing import normalize_images
@@ -64,10 +67,11 @@ def cross_entropy(logits, labels, ignore_label):
 
 def train_step(state, batch, *, model, ignore_label):
   rng = jax.random.fold_in(state.rng, state.step)
+  images = normalize_images(batch['image'], model.normalization)
 
   def loss_fn(params):
     logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                  batch['image'], train=True, rngs={'dropout': rng},
+                                  images, train=True, rngs={'dropout': rng},
                                   mutable=['batch_stats'])
     labels = nearest_downsample(batch['label'], logits.shape[1:3])
     return cross_entropy(logits, labels, ignore_label), updates
@@ -79,72 +83,73 @@ def train_step(state, batch, *, model, ignore_label):
 
 def eval_step(state, batch, *, model, num_classes, ignore_label):
   logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       batch['image'], train=False)
-  n, h, w = batch['label'].shape
-  logits = resize_bilinear(logits, (h, w), 'half_pixel')
-  valid = jnp.broadcast_to(batch['mask'][:, None, None], (n, h, w))
-  return metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], num_classes, valid,
-                                  ignore_label)
+                       normalize_images(batch['image'], model.normalization), train=False)
+  logits = resize_bilinear(logits, batch['label'].shape[1:3], 'half_pixel')
+  return metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], num_classes,
+                                  batch['mask'], ignore_label)
 
 
-def _eval_batches(images, labels, batch_size, normalization):
-  """Fixed-size batches; the last one is padded and masked so no image is dropped."""
-  for i in range(0, len(images), batch_size):
-    img, lab = images[i:i + batch_size], labels[i:i + batch_size]
-    n = len(img)
-    pad = batch_size - n
-    mask = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
-    if pad:
-      img = np.concatenate([img, np.zeros((pad, *img.shape[1:]), img.dtype)])
-      lab = np.concatenate([lab, np.zeros((pad, *lab.shape[1:]), lab.dtype)])
-    yield {'image': normalize_images(img, normalization), 'label': lab.astype(np.int32),
-           'mask': mask}
-
-
-def evaluate(state, eval_fn, images, labels, config, normalization):
-  cm = np.zeros((config.num_classes,) * 2, np.int64)
-  for batch in _eval_batches(images, labels, config.eval_batch_size, normalization):
+def evaluate(state, eval_fn, eval_ds, num_classes):
+  cm = np.zeros((num_classes,) * 2, np.int64)
+  for batch in eval_ds:
     cm += np.asarray(eval_fn(state, batch))
   return metrics.scores(cm)
 
 
+def make_data(config, normalization: str):
+  """(dataset info, train dataset, eval dataset, eval bucket) for ``config.dataset``."""
+  kwargs = {}
+  if config.dataset == 'synthetic_scenes':
+    kwargs['config'] = SyntheticScenesConfig(image_size=config.image_size,
+                                             num_train=config.num_train, num_val=config.num_val,
+                                             seed=config.data_seed)
+  builder = datasets.prepare(config.dataset, config.data_dir or None,
+                             config.manual_dir or None, **kwargs)
+  info = datasets.info(builder)
+  fill = transforms.fill_value(normalization)
+  train_src = datasets.data_source(builder, config.train_split)
+  eval_src = datasets.data_source(builder, config.eval_split)
+  crop = tuple(config.crop_size) if config.crop_size else (config.image_size,) * 2
+  eval_size = (tuple(config.eval_size) if config.eval_size
+               else pipeline.max_image_size(eval_src))
+  train_ds = pipeline.train_dataset(
+      train_src, global_batch_size=config.batch_size, crop_size=crop, seed=config.data_seed,
+      scale_range=tuple(config.scale_range), flip=config.flip, fill=fill,
+      ignore_label=info.ignore_label, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.data_threads)
+  eval_ds = pipeline.eval_dataset(
+      eval_src, global_batch_size=config.eval_batch_size, eval_size=eval_size, fill=fill,
+      ignore_label=info.ignore_label, process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.data_threads)
+  return info, train_ds, eval_ds, (len(train_src), len(eval_src), crop, eval_size)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
-  if config.dataset != 'synthetic_scenes':
-    raise ValueError(f'unknown dataset {config.dataset!r}; this trainer knows synthetic_scenes')
-  size = (config.image_size, config.image_size)
-  train_x, train_y = make_synthetic_scenes(config.num_train, size, config.num_classes,
-                                           seed=config.data_seed)
-  val_x, val_y = make_synthetic_scenes(config.num_val, size, config.num_classes,
-                                       seed=config.data_seed + 1)
   model = create_model(config.model, config.num_classes, **config.model_overrides.to_dict())
+  info, train_ds, eval_ds, (n_train, n_val, crop, eval_size) = make_data(
+      config, model.normalization)
+  if info.num_classes != config.num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} but {info.name} has '
+                     f'{info.num_classes} classes')
   rng = jax.random.key(config.seed)
-  variables = jax.jit(model.init)(rng, jnp.zeros((1, *size, 3)))
+  variables = jax.jit(model.init)(rng, jnp.zeros((1, *crop, 3)))
   state = TrainState.create(apply_fn=model.apply, params=variables['params'],
                             batch_stats=variables['batch_stats'], tx=make_optimizer(config),
                             rng=jax.random.fold_in(rng, 1))
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'{config.model}: {n_params:,} parameters; {config.num_train} train / '
-        f'{config.num_val} val images of {size}; {jax.device_count()} device(s)', flush=True)
+  print(f'{config.model}: {n_params:,} parameters; {info.name}: {n_train} train images '
+        f'(crops {crop}), {n_val} val images (padded to {eval_size}); '
+        f'{jax.device_count()} device(s)', flush=True)
 
-  step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, ignore_label=config.ignore_label),
+  step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, ignore_label=info.ignore_label),
                     donate_argnums=0)
-  eval_fn = jax.jit(lambda s, b: eval_step(s, b, model=model, num_classes=config.num_classes,
-                                           ignore_label=config.ignore_label))
-  np_rng = np.random.default_rng(config.seed)
-  order, pos = np_rng.permutation(config.num_train), 0
+  eval_fn = jax.jit(lambda s, b: eval_step(s, b, model=model, num_classes=info.num_classes,
+                                           ignore_label=info.ignore_label))
+  train_iter = iter(train_ds)
   history, t0, t_last, last_step = [], time.time(), time.time(), 0
   for step in range(1, config.num_steps + 1):
-    if pos + config.batch_size > len(order):
-      order, pos = np_rng.permutation(config.num_train), 0
-    idx = order[pos:pos + config.batch_size]
-    pos += config.batch_size
-    img, lab = train_x[idx], train_y[idx]
-    flip = np_rng.random(len(idx)) < 0.5
-    img = np.where(flip[:, None, None, None], img[:, :, ::-1], img)
-    lab = np.where(flip[:, None, None], lab[:, :, ::-1], lab)
-    batch = {'image': normalize_images(img, model.normalization), 'label': lab.astype(np.int32)}
-    state, m = step_fn(state, batch)
+    state, m = step_fn(state, next(train_iter))
     if step % config.log_every == 0 or step == config.num_steps:
       loss = float(m['loss'])
       if not np.isfinite(loss):
@@ -155,8 +160,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       history.append({'step': step, 'loss': loss})
       print(f'step {step}/{config.num_steps}  loss {loss:.4f}  {rate:.1f} img/s', flush=True)
   train_time = time.time() - t0
-  result = evaluate(state, eval_fn, val_x, val_y, config, model.normalization)
-  for name, iou in zip(CLASS_NAMES, result['per_class_iou']):
+  result = evaluate(state, eval_fn, eval_ds, info.num_classes)
+  for name, iou in zip(info.class_names, result['per_class_iou']):
     print(f'  IoU {name:<12s} {iou:.4f}')
   print(f'pixel acc: {result["pixel_acc"]:.4f}  mean acc: {result["mean_acc"]:.4f}')
   print(f'val mIoU: {result["miou"]:.4f}  (train {train_time:.0f} s)', flush=True)

@@ -55,6 +55,7 @@ def test_train_and_evaluate_smoke(tmp_path):
   c = get_config()
   c.model_overrides.base_width = 8
   c.model_overrides.path_widths = (16, 8, 8, 8)
+  c.data_dir = str(tmp_path / 'data')
   c.image_size, c.num_train, c.num_val = 32, 32, 10  # 10 val images: last eval batch is padded
   c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps, c.log_every = 8, 4, 12, 2, 4
   out = train.train_and_evaluate(c, str(tmp_path))

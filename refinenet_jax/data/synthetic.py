@@ -2,7 +2,8 @@
 
 Built so that no single cue suffices: every object gets two random colours, so colour says
 nothing about the class; each class has its own texture *and* shape; the background is a smooth
-random colour field with random strokes and blobs; later shapes occlude earlier ones. Image i of a
+random colour field with a soft grating, mid-frequency colour noise, random strokes and blobs;
+objects vary in size and later ones occlude earlier ones. Image i of a
 seed depends only on (seed, i), so a smaller ``num_images`` gives a prefix of the same set.
 """
 from __future__ import annotations
@@ -92,6 +93,11 @@ def _texture(rng, cls, yy, xx):
 def _scene(rng, h, w, num_classes):
   yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
   img = 40 + 175 * _smooth_field(rng, h, w, 4, 3)
+  # background texture: a soft grating and a mid-frequency colour field, lower contrast than
+  # the objects' binary textures, so "textured" alone does not mean "object"
+  u, _ = _rotate(yy, xx, 0.0, 0.0, rng.uniform(0, np.pi))
+  img += rng.uniform(8, 20) * np.sin(2 * np.pi * u / rng.uniform(4, 12))[..., None]
+  img += 50 * (_smooth_field(rng, h, w, max(2, min(h, w) // 6), 3) - 0.5)
   # clutter: random strokes and soft blobs, part of the background
   for _ in range(rng.integers(2, 7)):
     colour = rng.uniform(0, 255, 3)
@@ -130,10 +136,31 @@ def make_synthetic_scenes(num_images: int, image_size: Sequence[int] = (64, 64),
   images = np.zeros((num_images, h, w, 3), np.uint8)
   labels = np.zeros((num_images, h, w), np.uint8)
   for i, child in enumerate(np.random.SeedSequence(seed).spawn(num_images)):
-    images[i], labels[i] = _scene(np.random.default_rng(child), h, w, num_classes)
+    images[i], labels[i] = scene(np.random.default_rng(child), (h, w), num_classes)
   return images, labels
+
+
+def scene(rng: np.random.Generator, size: Sequence[int], num_classes: int = NUM_CLASSES):
+  """One (image uint8 [H, W, 3], label uint8 [H, W]) drawn from ``rng``."""
+  return _scene(rng, int(size[0]), int(size[1]), num_classes)
 
 
 def colorize(labels) -> np.ndarray:
   """Label map -> RGB for viewing."""
   return PALETTE[np.asarray(labels)]
+
+
+def colour_rule_predict(train_images, train_labels, images, levels: int = 8,
+                        num_classes: int = NUM_CLASSES) -> np.ndarray:
+  """The best per-pixel colour rule: each quantised RGB colour -> its most frequent train class.
+
+  The dataset is meant to defeat this rule (objects take random colours); its score is the floor
+  a segmentation model must clear to show it uses shape and texture.
+  """
+  def bins(x):
+    q = (np.asarray(x, np.int64) * levels) // 256
+    return (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+
+  counts = np.zeros((levels ** 3, num_classes), np.int64)
+  np.add.at(counts, (bins(train_images).ravel(), np.asarray(train_labels).ravel()), 1)
+  return counts.argmax(1)[bins(images)].astype(np.uint8)

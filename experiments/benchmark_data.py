@@ -1,0 +1,104 @@
+"""Input-pipeline throughput: decode + augment images/s, and the default config's consumption.
+
+  python experiments/benchmark_data.py --camvid ../shared/data/camvid [--out runs/bench_data.json]
+
+1. CamVid, 360x480 (built into a temporary data_dir): decode only (the data source), and the
+   training pipeline (random scale 0.7-1.3, pad, 360x480 crop, flip, batch 8) at 1 and 2 threads.
+2. The default config's pipeline (synthetic_scenes, its crop/scale/flip/batch), against the
+   images/s its train step consumes on this machine (jitted step on a fixed batch, after compile).
+Batches are pulled as fast as possible after one warm-up batch; medians of --repeats runs.
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+
+from configs.default import get_config
+from refinenet_jax import train
+from refinenet_jax.data import datasets, pipeline, transforms
+from refinenet_jax.models import create_model
+
+
+def _rate(make_iter, images_per_batch, batches, repeats):
+  rates = []
+  for _ in range(repeats):
+    it = make_iter()
+    next(it)  # thread start-up and first reads are not throughput
+    t = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    rates.append(batches * images_per_batch / (time.perf_counter() - t))
+  return statistics.median(rates), rates
+
+
+def camvid(root, data_dir, repeats):
+  b = datasets.prepare('camvid', data_dir, manual_dir=root)
+  src = datasets.data_source(b, 'train')
+  out = {}
+  t = time.perf_counter()
+  for i in range(100):
+    src[i]
+  out['decode_only_img_s_1thread'] = 100 / (time.perf_counter() - t)
+  for threads in (1, 2):
+    make = lambda: iter(pipeline.train_dataset(
+        src, global_batch_size=8, crop_size=(360, 480), seed=0, scale_range=(0.7, 1.3),
+        num_threads=threads))
+    out[f'train_pipeline_img_s_{threads}threads'], out[f'runs_{threads}threads'] = _rate(
+        make, 8, 40, repeats)
+  return out
+
+
+def default_config(data_dir, repeats):
+  c = get_config()
+  c.data_dir = data_dir
+  model = create_model(c.model, c.num_classes, **c.model_overrides.to_dict())
+  _, train_ds, _, _ = train.make_data(c, model.normalization)
+  pipe, runs = _rate(lambda: iter(train_ds), c.batch_size, 150, repeats)
+  # what training consumes: the jitted step alone on one fixed batch
+  batch = next(iter(train_ds))
+  variables = jax.jit(model.init)(jax.random.key(0), batch['image'][:1].astype(np.float32))
+  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                  batch_stats=variables['batch_stats'],
+                                  tx=train.make_optimizer(c), rng=jax.random.key(1))
+  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, ignore_label=255))
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  n = 40
+  t = time.perf_counter()
+  for _ in range(n):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  consumed = n * c.batch_size / (time.perf_counter() - t)
+  return {'pipeline_img_s': pipe, 'runs': runs, 'train_step_consumes_img_s': consumed,
+          'ratio': pipe / consumed, 'batch_size': c.batch_size, 'crop': c.image_size,
+          'scale_range': list(c.scale_range), 'data_threads': c.data_threads}
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument('--camvid', default=os.path.join('..', 'shared', 'data', 'camvid'))
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--out', default='')
+  a = p.parse_args()
+  tfds.disable_progress_bar()
+  transforms.cv2.setNumThreads(1)
+  result = {'cpus': os.cpu_count(), 'jax': jax.__version__}
+  with tempfile.TemporaryDirectory() as tmp:
+    if os.path.isdir(a.camvid):
+      result['camvid_360x480'] = camvid(a.camvid, os.path.join(tmp, 'camvid'), a.repeats)
+    result['default_config'] = default_config(os.path.join(tmp, 'synth'), a.repeats)
+  print(json.dumps(result, indent=2))
+  if a.out:
+    os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
+    with open(a.out, 'w') as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,97 @@
+"""The dataset table: name -> TFDS builder class, and how to build and read one offline.
+
+Builders are not in the tfds catalog (see ``builders.base``); these functions are the entry
+points. ``prepare`` never touches the network: GCS lookup is off and the real datasets read only
+``manual_dir``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from refinenet_jax.data.builders import (ade20k, base, camvid, cityscapes, folder, nyudv2_40,
+                                         pascal_context, person_part, sun_rgbd, synthetic_scenes,
+                                         voc2012)
+
+BUILDERS: dict[str, type[base.SegmentationBuilder]] = {
+    'synthetic_scenes': synthetic_scenes.SyntheticScenes,  # built-in, generated
+    'camvid': camvid.Camvid,
+    'voc2012': voc2012.Voc2012,  # configs 'plain' (default) and 'aug' (+SBD: train_aug)
+    'cityscapes': cityscapes.Cityscapes,
+    'ade20k': ade20k.Ade20k,
+    'nyudv2_40': nyudv2_40.Nyudv240,
+    'sun_rgbd': sun_rgbd.SunRgbd,
+    'pascal_context': pascal_context.PascalContext,
+    'person_part': person_part.PersonPart,
+    'folder': folder.Folder,  # your own data: config=folder.FolderConfig(name=..., root=...)
+}
+
+DEFAULT_DATA_DIR = os.path.join('~', 'tensorflow_datasets')
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  ignore_label: int
+  class_names: tuple[str, ...]
+  palette: np.ndarray
+  splits: tuple[str, ...]
+
+
+def list_datasets() -> list[str]:
+  return sorted(BUILDERS)
+
+
+def get_builder(name: str, data_dir: str | None = None, config=None,
+                **kwargs) -> base.SegmentationBuilder:
+  """A builder instance. ``config`` is a builder-config name or object (e.g. voc2012 'aug')."""
+  if name not in BUILDERS:
+    raise KeyError(f'unknown dataset {name!r}; known: {list_datasets()}')
+  cls = BUILDERS[name]
+  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+  if isinstance(config, tfds.core.BuilderConfig):
+    # tfds refuses a config object named like a predefined one: pass the name when they agree
+    for known in cls.BUILDER_CONFIGS:
+      if known.name == config.name:
+        if known != config:
+          raise ValueError(f'{name}: config {config} differs from the predefined {known}')
+        config = known.name
+  if config is not None:
+    kwargs['config'] = config
+  return cls(data_dir=data_dir, **kwargs)
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, config=None,
+            **kwargs) -> base.SegmentationBuilder:
+  """Builds the dataset once (a no-op when already built) and returns its builder."""
+  builder = get_builder(name, data_dir, config, **kwargs)
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS is not None and manual_dir is None:
+    done = os.path.isdir(os.fspath(builder.data_path)) and any(
+        f.endswith('dataset_info.json') for f in os.listdir(os.fspath(builder.data_path)))
+    if not done:
+      raise ValueError(f'{name} is not built in {builder.data_dir}; pass manual_dir=<folder with '
+                       f'the extracted archives>:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+      try_download_gcs=False)
+  builder.download_and_prepare(download_config=download_config)
+  return builder
+
+
+def info(builder: base.SegmentationBuilder) -> DatasetInfo:
+  return DatasetInfo(name=builder.name, num_classes=len(builder.class_names),
+                     ignore_label=int(builder.IGNORE_LABEL),
+                     class_names=tuple(builder.class_names), palette=builder.palette,
+                     splits=tuple(builder.info.splits.keys()))
+
+
+def data_source(builder: base.SegmentationBuilder, split: str) -> Sequence[dict]:
+  """Random-access examples ``{'image', 'label', 'name'}`` (what ``tfds.data_source`` returns)."""
+  if split not in builder.info.splits:
+    raise KeyError(f'{builder.name} has no split {split!r}; it has {list(builder.info.splits)}')
+  return builder.as_data_source(split)
