@@ -6,6 +6,7 @@
 import os
 
 from absl import app, flags
+import tensorflow_datasets as tfds
 from ml_collections import config_flags
 
 from refinenet_jax import train
@@ -21,6 +22,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for metrics and outpu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  tfds.disable_progress_bar()  # a bar per split and shard would bury the training log
   print(_CONFIG.value)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

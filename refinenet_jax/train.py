@@ -20,6 +20,7 @@ from flax.training import train_state
 
 from refinenet_jax import metrics
 from refinenet_jax.data import datasets, pipeline, transforms
+from refinenet_jax.data.builders.folder import FolderConfig
 from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
 from refinenet_jax.models import create_model
 from refinenet_jax.models.layers import resize_bilinear
@@ -99,12 +100,15 @@ def evaluate(state, eval_fn, eval_ds, num_classes):
 def make_data(config, normalization: str):
   """(dataset info, train dataset, eval dataset, eval bucket) for ``config.dataset``."""
   kwargs = {}
+  if config.dataset == 'folder':  # custom data: manual_dir is the folder itself
+    root = os.path.expanduser(config.manual_dir)
+    kwargs['config'] = FolderConfig(name=os.path.basename(os.path.normpath(root)), root=root)
   if config.dataset == 'synthetic_scenes':
     kwargs['config'] = SyntheticScenesConfig(image_size=config.image_size,
                                              num_train=config.num_train, num_val=config.num_val,
                                              seed=config.data_seed)
   builder = datasets.prepare(config.dataset, config.data_dir or None,
-                             config.manual_dir or None, **kwargs)
+                             (config.dataset != 'folder' and config.manual_dir) or None, **kwargs)
   info = datasets.info(builder)
   fill = transforms.fill_value(normalization)
   train_src = datasets.data_source(builder, config.train_split)

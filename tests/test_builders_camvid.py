@@ -121,3 +121,13 @@ def test_a_built_dataset_no_longer_needs_its_archives(tmp_path):
   shutil.rmtree(root)
   b2 = datasets.prepare('camvid', str(tmp_path / 'tfds'))
   np.testing.assert_array_equal(datasets.data_source(b2, 'train')[0]['image'], before)
+
+
+def test_prepare_command_line(tmp_path, capsys):
+  from refinenet_jax.data.__main__ import main
+  root = _tiny_camvid(tmp_path / 'CamVid')
+  assert main(['camvid', '--data_dir', str(tmp_path / 'tfds'), '--manual_dir', str(root)]) == 0
+  out = capsys.readouterr().out
+  assert 'train: 3 examples' in out and 'val: 3 examples' in out
+  assert main(['ade20k', '--data_dir', str(tmp_path / 'tfds')]) == 1  # not built, no archives
+  assert 'ADEChallengeData2016.zip' in capsys.readouterr().err

@@ -72,3 +72,28 @@ def test_unknown_config_key_is_rejected():
   c.lock()
   with pytest.raises(AttributeError):
     c.num_stepz = 3
+
+
+def test_make_data_reads_a_custom_folder_dataset(tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'roofs'
+  (root / 'classes.txt').parent.mkdir()
+  (root / 'classes.txt').write_text('background\nroof\nsolar_panel\n')
+  for split, n in (('train', 4), ('val', 3)):
+    for d in ('images', 'masks'):
+      (root / d / split).mkdir(parents=True)
+    for i in range(n):
+      Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)).save(
+          root / 'images' / split / f'{i}.jpg')
+      Image.fromarray(rng.integers(0, 3, (20, 40), dtype=np.uint8)).save(
+          root / 'masks' / split / f'{i}.png')
+  c = get_config()
+  c.dataset, c.manual_dir, c.data_dir = 'folder', str(root), str(tmp_path / 'tfds')
+  c.num_classes, c.batch_size, c.eval_batch_size, c.crop_size = 3, 2, 2, (16, 16)
+  info, train_ds, eval_ds, (n_train, n_val, crop, eval_size) = train.make_data(c, 'imagenet')
+  assert info.class_names == ('background', 'roof', 'solar_panel')
+  assert (n_train, n_val, crop, eval_size) == (4, 3, (16, 16), (32, 64))
+  assert next(iter(train_ds))['image'].shape == (2, 16, 16, 3)
+  batches = list(eval_ds)
+  assert len(batches) == 2 and sum(int(b['mask'].sum()) for b in batches) == 3 * 20 * 40

@@ -1,1 +1,4 @@
-"""Datasets. Only a built-in synthetic one for now, so the main job runs with no downloads."""
+"""Datasets: offline TFDS builders (``datasets``), numpy transforms and grain pipelines.
+
+``python -m refinenet_jax.data --list`` shows every dataset and the layout it expects.
+"""
