@@ -25,6 +25,7 @@ setup(
         'grain>=0.2.18',
         'pillow>=10.0',
         'opencv-python-headless>=4.8',
+        'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         'test': ['pytest>=8', 'pytest-xdist>=3.5'],

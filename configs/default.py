@@ -1,18 +1,28 @@
-"""Default config: a small RefineNet on the built-in synthetic scenes, sized for 2 CPU cores."""
+"""Default config: a small RefineNet on the built-in synthetic scenes, sized for 2 CPU cores.
+
+Every key any config may set is declared here (configs derive from this one and override), and
+the command line can override any of them: ``--config.num_steps=100``. Unknown keys fail.
+"""
 import ml_collections
 
 
 def get_config():
   c = ml_collections.ConfigDict()
-  c.model = 'refinenet_tiny'
+  # model
+  c.model = 'refinenet_tiny'  # a name in refinenet_jax.list_models()
   # refinenet_tiny's own widths; no tap dropout on a model this small.
   c.model_overrides = ml_collections.ConfigDict({'tap_dropout': 0.0, 'head_dropout': 0.1})
+  c.num_classes = 5
+  c.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
+  c.init_checkpoint = ''  # converted weights (python -m refinenet_jax.convert), when no resume
+
+  # data
   c.dataset = 'synthetic_scenes'  # a name in refinenet_jax.data.datasets.BUILDERS
+  c.dataset_config = ''  # builder config, e.g. 'aug' for voc2012 (VOC + SBD train_aug)
   c.data_dir = ''  # '' = ~/tensorflow_datasets
   c.manual_dir = ''  # extracted archives, for the real datasets (not needed once built)
   c.train_split = 'train'
   c.eval_split = 'val'
-  c.num_classes = 5
   # synthetic_scenes only: what to generate
   c.image_size = 64
   c.num_train = 2000
@@ -24,14 +34,38 @@ def get_config():
   c.flip = True
   c.eval_size = ()  # () = smallest multiple of 32 holding every eval image
   c.data_threads = 2
-  c.batch_size = 32
-  c.eval_batch_size = 64
+
+  # optimisation (steps count optimizer updates x grad_accum_steps micro-batches)
+  c.batch_size = 32  # global, over all devices and processes
   c.num_steps = 1500
+  c.optimizer = 'sgd'  # or 'adamw'
   c.learning_rate = 0.05
   c.warmup_steps = 100
+  c.poly_power = 0.9
   c.momentum = 0.9
+  c.nesterov = False
   c.weight_decay = 5e-4
-  c.ignore_label = 255
+  c.encoder_lr_mult = 1.0  # 0.1 in the official recipe (pretrained encoder)
+  c.grad_clip_norm = 0.0  # 0 = off
+  c.grad_accum_steps = 1
+  # loss
+  c.loss_mode = 'quarter'  # 'quarter' (official: labels at 1/4) or 'upsample' (PyTorch ports)
+  c.class_weights = ()
+  c.aux_weights = ()
+
+  # evaluation
+  c.eval_batch_size = 64
+  c.eval_every = 0  # steps; 0 = only at the end
+  c.eval_scales = (1.0,)  # the official multi-scale test: (0.4, 0.6, 0.8, 1.0, 1.2)
+  c.eval_flip = False
+  c.eval_window = ()  # sliding-window size for images larger than the crop; () = whole image
+  c.eval_stride = ()  # () = 2/3 of the window
+
+  # run
   c.seed = 0
+  c.num_devices = -1  # -1 = every device of every process
   c.log_every = 100
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 2  # latest N; the best by val mIoU is kept as well
+  c.tensorboard = True
   return c

@@ -1,12 +1,17 @@
 """Command-line entry point; all logic lives in train.py so tests and notebooks can import it.
 
   python -m refinenet_jax.main --workdir=runs/default [--config=configs/default.py]
-      [--config.num_steps=100 ...]
+      [--mode=train|eval|predict] [--config.num_steps=100 ...]
+  python -m refinenet_jax.main --mode=predict --workdir=runs/default --input_dir=imgs --output_dir=out
+
+Multi-host: run the same command on every host; ``jax.distributed.initialize()`` picks up the
+cluster from the environment (TPU pods, SLURM) or from --coordinator/--num_processes/--process_id.
 """
 import os
 
-from absl import app, flags
+import jax
 import tensorflow_datasets as tfds
+from absl import app, flags
 from ml_collections import config_flags
 
 from refinenet_jax import train
@@ -15,16 +20,37 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
                                'configs', 'default.py')
 _CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'experiment config file',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for metrics and outputs',
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs',
                                required=True)
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'what to run')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
+                                'eval/predict: which checkpoint of the workdir')
+_INPUT = flags.DEFINE_string('input_dir', None, 'predict: folder of images')
+_OUTPUT = flags.DEFINE_string('output_dir', None, 'predict: where masks and overlays go')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize()')
+_COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   tfds.disable_progress_bar()  # a bar per split and shard would bury the training log
-  print(_CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config = _CONFIG.value
+  if jax.process_index() == 0:
+    print(config)
+  if _MODE.value == 'train':
+    train.train_and_evaluate(config, _WORKDIR.value)
+  elif _MODE.value == 'eval':
+    train.evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
+  else:
+    if not _INPUT.value or not _OUTPUT.value:
+      raise app.UsageError('--mode=predict needs --input_dir and --output_dir')
+    train.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value)
 
 
 if __name__ == '__main__':

@@ -1,105 +1,53 @@
-"""Minimal single-host trainer for the main job: pure jitted steps, SGD + poly schedule.
+"""The training loop: one code path from 1 CPU to a multi-host pod.
 
-Data come from a TFDS builder through the grain pipeline as uint8 batches; the model's own
-normalisation is applied on device. Loss at the logits' 1/4 resolution against
-nearest-downsampled labels (the official recipe); evaluation upsamples logits to the label size
-and counts every val pixel exactly once (padding is masked).
+``train_and_evaluate`` builds the mesh, the data pipeline and the state, resumes from the newest
+checkpoint in ``workdir`` when there is one (state, data-iterator position and RNG, so the run
+continues bit-identically), trains with a jitted, donating step over global sharded batches,
+evaluates, checkpoints, and logs. ``evaluate`` and ``predict`` reuse the same pieces.
+Everything here is importable (main.py only parses flags), so notebooks and tests call it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
+import tempfile
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax.training import train_state
 
-from refinenet_jax import metrics
+from refinenet_jax import checkpoint, metrics, optim, sharding, steps, writers
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.folder import FolderConfig
 from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
 from refinenet_jax.models import create_model
-from refinenet_jax.models.layers import resize_bilinear
-from refinenet_jax.models.preprocessing import normalize_images
+
+TrainState = steps.TrainState
 
 
-class TrainState(train_state.TrainState):
-  batch_stats: Any
-  rng: jax.Array
+def check_workdir(workdir: str) -> None:
+  """Fails now, not after an hour of training, if results could not be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
 
 
-def learning_rate_fn(config):
-  warm = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-  poly = optax.polynomial_schedule(config.learning_rate, 0.0, 0.9,
-                                   config.num_steps - config.warmup_steps)
-  return optax.join_schedules([warm, poly], [config.warmup_steps])
+def build_model(config):
+  overrides = config.model_overrides.to_dict()
+  if config.compute_dtype != 'float32':
+    overrides['dtype'] = jnp.dtype(config.compute_dtype)
+  return create_model(config.model, config.num_classes, **overrides)
 
 
-def make_optimizer(config):
-  # Weight decay on conv kernels only, not on biases or BatchNorm scale/offset.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  return optax.chain(optax.add_decayed_weights(config.weight_decay, decay_mask),
-                     optax.sgd(learning_rate_fn(config), momentum=config.momentum))
-
-
-def nearest_downsample(labels, out_hw):
-  """labels[:, floor((i + 0.5) * H / h), ...]: the label at each output cell's centre.
-
-  This is MATLAB ``imresize(..., 'nearest')`` (the official recipe) and agrees with the
-  half-pixel bilinear upsampling used at evaluation; a top-left pick would teach the model a
-  1.5-pixel shift (measured: -0.077 val mIoU on the default config).
-  """
-  h_in, w_in = labels.shape[1:3]
-  rows = ((2 * np.arange(out_hw[0]) + 1) * h_in) // (2 * out_hw[0])
-  cols = ((2 * np.arange(out_hw[1]) + 1) * w_in) // (2 * out_hw[1])
-  return labels[:, rows][:, :, cols]
-
-
-def cross_entropy(logits, labels, ignore_label):
-  valid = labels != ignore_label
-  safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  return jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
-
-
-def train_step(state, batch, *, model, ignore_label):
-  rng = jax.random.fold_in(state.rng, state.step)
-  images = normalize_images(batch['image'], model.normalization)
-
-  def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
-                                  images, train=True, rngs={'dropout': rng},
-                                  mutable=['batch_stats'])
-    labels = nearest_downsample(batch['label'], logits.shape[1:3])
-    return cross_entropy(logits, labels, ignore_label), updates
-
-  (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
-  return state, {'loss': loss}
-
-
-def eval_step(state, batch, *, model, num_classes, ignore_label):
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                       normalize_images(batch['image'], model.normalization), train=False)
-  logits = resize_bilinear(logits, batch['label'].shape[1:3], 'half_pixel')
-  return metrics.confusion_matrix(jnp.argmax(logits, -1), batch['label'], num_classes,
-                                  batch['mask'], ignore_label)
-
-
-def evaluate(state, eval_fn, eval_ds, num_classes):
-  cm = np.zeros((num_classes,) * 2, np.int64)
-  for batch in eval_ds:
-    cm += np.asarray(eval_fn(state, batch))
-  return metrics.scores(cm)
-
-
-def make_data(config, normalization: str):
-  """(dataset info, train dataset, eval dataset, eval bucket) for ``config.dataset``."""
-  kwargs = {}
+def make_data(config, normalization: str, splits=('train', 'eval')):
+  """(dataset info, train dataset, eval dataset, (n_train, n_eval, crop, eval bucket))."""
+  kwargs = {'config': config.dataset_config} if config.dataset_config else {}
   if config.dataset == 'folder':  # custom data: manual_dir is the folder itself
     root = os.path.expanduser(config.manual_dir)
     kwargs['config'] = FolderConfig(name=os.path.basename(os.path.normpath(root)), root=root)
@@ -107,69 +55,317 @@ def make_data(config, normalization: str):
     kwargs['config'] = SyntheticScenesConfig(image_size=config.image_size,
                                              num_train=config.num_train, num_val=config.num_val,
                                              seed=config.data_seed)
-  builder = datasets.prepare(config.dataset, config.data_dir or None,
-                             (config.dataset != 'folder' and config.manual_dir) or None, **kwargs)
+  # only process 0 builds; the others wait for it and then read the same files
+  if jax.process_index() == 0:
+    builder = datasets.prepare(config.dataset, config.data_dir or None,
+                               (config.dataset != 'folder' and config.manual_dir) or None,
+                               **kwargs)
+  _sync('dataset built')
+  if jax.process_index() != 0:
+    builder = datasets.prepare(config.dataset, config.data_dir or None, None, **kwargs)
   info = datasets.info(builder)
-  fill = transforms.fill_value(normalization)
-  train_src = datasets.data_source(builder, config.train_split)
-  eval_src = datasets.data_source(builder, config.eval_split)
-  crop = tuple(config.crop_size) if config.crop_size else (config.image_size,) * 2
-  eval_size = (tuple(config.eval_size) if config.eval_size
-               else pipeline.max_image_size(eval_src))
-  train_ds = pipeline.train_dataset(
-      train_src, global_batch_size=config.batch_size, crop_size=crop, seed=config.data_seed,
-      scale_range=tuple(config.scale_range), flip=config.flip, fill=fill,
-      ignore_label=info.ignore_label, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=config.data_threads)
-  eval_ds = pipeline.eval_dataset(
-      eval_src, global_batch_size=config.eval_batch_size, eval_size=eval_size, fill=fill,
-      ignore_label=info.ignore_label, process_index=jax.process_index(),
-      process_count=jax.process_count(), num_threads=config.data_threads)
-  return info, train_ds, eval_ds, (len(train_src), len(eval_src), crop, eval_size)
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
-  model = create_model(config.model, config.num_classes, **config.model_overrides.to_dict())
-  info, train_ds, eval_ds, (n_train, n_val, crop, eval_size) = make_data(
-      config, model.normalization)
   if info.num_classes != config.num_classes:
     raise ValueError(f'config.num_classes={config.num_classes} but {info.name} has '
                      f'{info.num_classes} classes')
-  rng = jax.random.key(config.seed)
-  variables = jax.jit(model.init)(rng, jnp.zeros((1, *crop, 3)))
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                            batch_stats=variables['batch_stats'], tx=make_optimizer(config),
-                            rng=jax.random.fold_in(rng, 1))
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f'{config.model}: {n_params:,} parameters; {info.name}: {n_train} train images '
-        f'(crops {crop}), {n_val} val images (padded to {eval_size}); '
-        f'{jax.device_count()} device(s)', flush=True)
+  fill = transforms.fill_value(normalization)
+  common = dict(fill=fill, ignore_label=info.ignore_label, process_index=jax.process_index(),
+                process_count=jax.process_count(), num_threads=config.data_threads)
+  train_ds = eval_ds = None
+  crop = tuple(config.crop_size) if config.crop_size else (config.image_size,) * 2
+  n_train = n_eval = 0
+  eval_size = None
+  if 'train' in splits:
+    train_src = datasets.data_source(builder, config.train_split)
+    n_train = len(train_src)
+    train_ds = pipeline.train_dataset(
+        train_src, global_batch_size=config.batch_size, crop_size=crop, seed=config.data_seed,
+        scale_range=tuple(config.scale_range), flip=config.flip, **common)
+  if 'eval' in splits:
+    eval_src = datasets.data_source(builder, config.eval_split)
+    n_eval = len(eval_src)
+    eval_size = (tuple(config.eval_size) if config.eval_size
+                 else pipeline.max_image_size(eval_src))
+    eval_ds = pipeline.eval_dataset(eval_src, global_batch_size=config.eval_batch_size,
+                                    eval_size=eval_size, **common)
+  return info, train_ds, eval_ds, (n_train, n_eval, crop, eval_size)
 
-  step_fn = jax.jit(lambda s, b: train_step(s, b, model=model, ignore_label=info.ignore_label),
-                    donate_argnums=0)
-  eval_fn = jax.jit(lambda s, b: eval_step(s, b, model=model, num_classes=info.num_classes,
-                                           ignore_label=info.ignore_label))
-  train_iter = iter(train_ds)
-  history, t0, t_last, last_step = [], time.time(), time.time(), 0
-  for step in range(1, config.num_steps + 1):
-    state, m = step_fn(state, next(train_iter))
-    if step % config.log_every == 0 or step == config.num_steps:
-      loss = float(m['loss'])
-      if not np.isfinite(loss):
-        raise FloatingPointError(f'loss became {loss} at step {step}')
-      now = time.time()
-      rate = (step - last_step) * config.batch_size / (now - t_last)  # first one includes compile
-      t_last, last_step = now, step
-      history.append({'step': step, 'loss': loss})
-      print(f'step {step}/{config.num_steps}  loss {loss:.4f}  {rate:.1f} img/s', flush=True)
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def create_train_state(rng, *, model, tx, input_shape) -> TrainState:
+  variables = model.init(rng, jnp.zeros(input_shape, jnp.float32))
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}), tx=tx,
+                           rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+
+def _eval_kwargs(config, fill):
+  window = tuple(config.eval_window) or None
+  return dict(scales=tuple(config.eval_scales), flip=config.eval_flip, window=window,
+              stride=tuple(config.eval_stride) or None, pad_value=tuple(float(f) for f in fill))
+
+
+def run_evaluation(state, eval_fn, eval_ds, mesh, num_classes: int) -> dict:
+  """Confusion matrix summed on the host over global batches -> scores."""
+  cm = np.zeros((num_classes,) * 2, np.int64)
+  for batch in eval_ds:
+    cm += np.asarray(jax.device_get(eval_fn(state, sharding.put_batch(batch, mesh))))
+  return metrics.scores(cm)
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and returns at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checkpoint_meta(config, model) -> dict:
+  return {'model': config.model, 'num_classes': config.num_classes,
+          'normalization': model.normalization, 'config': config.to_json_best_effort()}
+
+
+def setup(config, workdir: str, splits=('train', 'eval')):
+  """Everything a run needs, as a dict (used by train, eval and predict modes)."""
+  check_workdir(workdir)
+  mesh = sharding.make_mesh(config.num_devices)
+  sharding.check_batch_size(config.batch_size, mesh)
+  sharding.check_batch_size(config.eval_batch_size, mesh, 'eval batch size')
+  model = build_model(config)
+  info, train_ds, eval_ds, sizes = make_data(config, model.normalization, splits)
+  tx = optim.make_optimizer(config)
+  init = functools.partial(create_train_state, model=model, tx=tx,
+                           input_shape=(1, *sizes[2], 3))
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  state_sh = sharding.state_shardings(abstract, mesh)
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                 keep=config.keep_checkpoints,
+                                 meta=_checkpoint_meta(config, model))
+  return dict(mesh=mesh, model=model, info=info, train_ds=train_ds, eval_ds=eval_ds,
+              sizes=sizes, init=init, abstract=abstract, state_sh=state_sh, ckpts=ckpts)
+
+
+def initial_state(config, run, train_iter=None):
+  """Newest checkpoint in the workdir, else ``config.init_checkpoint``, else random init."""
+  ckpts, target = run['ckpts'], sharding.with_shardings(run['abstract'], run['state_sh'])
+  if ckpts.latest_step() is not None:
+    step = ckpts.latest_step()
+    print(f'resuming from step {step} in {ckpts.directory}', flush=True)
+    return ckpts.restore(target, train_iter, step)
+  state = jax.jit(run['init'], out_shardings=run['state_sh'])(jax.random.key(config.seed))
+  if config.init_checkpoint:
+    from refinenet_jax.convert.orbax_io import load_converted
+    _, variables = load_converted(config.init_checkpoint, expect_model=config.model,
+                                  expect_num_classes=config.num_classes)
+    put = lambda tree: jax.device_put(tree, sharding.replicated(run['mesh']))
+    state = state.replace(params=put(variables['params']),
+                          batch_stats=put(variables.get('batch_stats', {})))
+    print(f'initialised from {config.init_checkpoint}', flush=True)
+  return state
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  run = setup(config, workdir)
+  mesh, model, info, ckpts = run['mesh'], run['model'], run['info'], run['ckpts']
+  n_train, n_eval, crop, eval_size = run['sizes']
+  train_iter = iter(run['train_ds'])
+  state = initial_state(config, run, train_iter)
+  start = int(jax.device_get(state.step))
+  groups = optim.param_labels(state.params)
+  n_enc = sum(x.size for x, g in zip(jax.tree.leaves(state.params), jax.tree.leaves(groups))
+              if g == 'encoder')
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'{config.model}: {n_params:,} parameters ({n_enc:,} encoder); {info.name}: '
+        f'{n_train} train images (crops {crop}), {n_eval} eval images (padded to {eval_size}); '
+        f'{mesh.size} device(s) on {jax.process_count()} process(es)', flush=True)
+
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  step_fn = jax.jit(
+      functools.partial(steps.train_step, model=model, ignore_label=info.ignore_label,
+                        loss_mode=config.loss_mode,
+                        class_weights=tuple(config.class_weights) or None,
+                        aux_weights=tuple(config.aux_weights)),
+      in_shardings=(run['state_sh'], batch_sh), out_shardings=(run['state_sh'], repl),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(
+      steps.eval_step, model=model, num_classes=info.num_classes,
+      ignore_label=info.ignore_label,
+      **_eval_kwargs(config, transforms.fill_value(model.normalization))))
+  predict_fn = jax.jit(functools.partial(steps.predict_step, model=model))
+  lr_fn = optim.learning_rate_fn(config)
+  writer = writers.MetricWriter(workdir, tensorboard=config.tensorboard)
+  total = config.num_steps * config.grad_accum_steps  # micro-steps
+
+  def evaluate_now(step):
+    result = run_evaluation(state, eval_fn, run['eval_ds'], mesh, info.num_classes)
+    writer.scalars(step, {'eval/miou': result['miou'], 'eval/pixel_acc': result['pixel_acc'],
+                          'eval/mean_acc': result['mean_acc'], 'eval/fw_iou': result['fw_iou']})
+    batch = next(iter(run['eval_ds']))
+    preds = np.asarray(jax.device_get(predict_fn(state, sharding.put_batch(batch, mesh))))
+    writer.images(step, {f'eval/sample{i}': writers.prediction_panel(
+        batch['image'][i], batch['label'][i], preds[i], info.palette, info.ignore_label)
+        for i in range(min(3, len(preds)))})
+    print(f'step {step}: val mIoU {result["miou"]:.4f}  pixel acc {result["pixel_acc"]:.4f}',
+          flush=True)
+    return result
+
+  def check_finite(step, m):
+    loss, gnorm = float(m['loss']), float(m['grad_norm'])
+    if not (np.isfinite(loss) and np.isfinite(gnorm)):
+      ckpts.wait()
+      last = ckpts.latest_step()
+      raise FloatingPointError(
+          f'loss {loss} / gradient norm {gnorm} at step {step}: training stopped. The last '
+          f'good checkpoint is step {last} in {ckpts.directory} (untouched); lower the '
+          f'learning rate or enable grad_clip_norm and resume.')
+
+  history, result = [], None
+  t_last, step_last, t0 = time.time(), start, time.time()
+  with _Preemption() as preemption:
+    for step in range(start + 1, total + 1):
+      state, m = step_fn(state, sharding.put_batch(next(train_iter), mesh))
+      log_now = step % config.log_every == 0 or step == total
+      # the last step is saved after the final evaluation, with its metrics
+      save_now = config.checkpoint_every and step % config.checkpoint_every == 0 and step != total
+      eval_now = config.eval_every and step % config.eval_every == 0 and step != total
+      if log_now or save_now or eval_now:
+        m = jax.device_get(m)
+        check_finite(step, m)
+      if log_now:
+        now = time.time()
+        rate = (step - step_last) * config.batch_size / (now - t_last)
+        eta = (total - step) * (now - t_last) / max(step - step_last, 1)
+        t_last, step_last = now, step
+        lr = float(lr_fn(step // config.grad_accum_steps))
+        writer.scalars(step, {'train/loss': m['loss'], 'train/lr': lr,
+                              'train/grad_norm': m['grad_norm'], 'perf/img_per_sec': rate})
+        history.append({'step': step, 'loss': float(m['loss'])})
+        print(f'step {step}/{total}  loss {float(m["loss"]):.4f}  lr {lr:.2e}  '
+              f'{rate:.1f} img/s  ETA {eta / 60:.1f} min', flush=True)
+      if eval_now:
+        result = evaluate_now(step)
+      if save_now or eval_now:
+        ckpts.save(step, state, train_iter,
+                   metrics={'miou': result['miou']} if eval_now else None)
+      if preemption.any_process():
+        if not save_now:
+          ckpts.save(step, state, train_iter)
+        ckpts.wait()
+        print(f'SIGTERM: saved step {step} to {ckpts.directory}; exiting', flush=True)
+        writer.close()
+        return {'preempted': True, 'step': step}
   train_time = time.time() - t0
-  result = evaluate(state, eval_fn, eval_ds, info.num_classes)
+  result = evaluate_now(total)
+  if ckpts.latest_step() != total:  # (a resumed, already finished run only re-evaluates)
+    ckpts.save(total, state, train_iter, metrics={'miou': result['miou']})
+  ckpts.wait()
+  writer.flush()
   for name, iou in zip(info.class_names, result['per_class_iou']):
     print(f'  IoU {name:<12s} {iou:.4f}')
   print(f'pixel acc: {result["pixel_acc"]:.4f}  mean acc: {result["mean_acc"]:.4f}')
   print(f'val mIoU: {result["miou"]:.4f}  (train {train_time:.0f} s)', flush=True)
-  out = {'val': result, 'train_loss': history, 'train_seconds': train_time}
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump(out, f, indent=2)
+  out = {'val': result, 'train_loss': history, 'train_seconds': train_time, 'step': total}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+      json.dump(out, f, indent=2)
+  writer.close()
+  ckpts.close()
   return out
+
+
+def _restore_for_inference(config, run, which: str):
+  ckpts = run['ckpts']
+  step = ckpts.best_step() if which == 'best' else ckpts.latest_step()
+  step = ckpts.latest_step() if step is None else step
+  if step is None:
+    if not config.init_checkpoint:
+      raise FileNotFoundError(f'no checkpoint in {ckpts.directory} and no init_checkpoint')
+    return initial_state(config, run), 0
+  target = sharding.with_shardings(run['abstract'], run['state_sh'])
+  return ckpts.restore(target, None, step), step
+
+
+def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
+  """Evaluates the best (or latest) checkpoint with the config's eval settings."""
+  run = setup(config, workdir, splits=('eval',))
+  state, step = _restore_for_inference(config, run, checkpoint)
+  model, info = run['model'], run['info']
+  eval_fn = jax.jit(functools.partial(
+      steps.eval_step, model=model, num_classes=info.num_classes,
+      ignore_label=info.ignore_label,
+      **_eval_kwargs(config, transforms.fill_value(model.normalization))))
+  t0 = time.time()
+  result = run_evaluation(state, eval_fn, run['eval_ds'], run['mesh'], info.num_classes)
+  for name, iou in zip(info.class_names, result['per_class_iou']):
+    print(f'  IoU {name:<12s} {iou:.4f}')
+  print(f'{info.name} {config.eval_split} (step {step}, scales {tuple(config.eval_scales)}, '
+        f'flip {config.eval_flip}): mIoU {result["miou"]:.4f}  pixel acc '
+        f'{result["pixel_acc"]:.4f}  ({time.time() - t0:.0f} s)', flush=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json'), 'w') as f:
+      json.dump({'step': step, **result}, f, indent=2)
+  run['ckpts'].close()
+  return result
+
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+
+
+def predict(config, workdir: str, input_dir: str, output_dir: str,
+            checkpoint: str = 'best') -> list[str]:
+  """Colour-coded masks (``<name>_mask.png``) and overlays (``<name>_overlay.png``)."""
+  from PIL import Image
+  files = sorted(f for f in os.listdir(input_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {input_dir}')
+  os.makedirs(output_dir, exist_ok=True)
+  run = setup(config, workdir, splits=())
+  state, _ = _restore_for_inference(config, run, checkpoint)
+  model, info = run['model'], run['info']
+  single = sharding.make_mesh(1)  # one image at a time, any size: no batch to shard
+  state = jax.device_put(state, sharding.replicated(single))
+  kwargs = _eval_kwargs(config, transforms.fill_value(model.normalization))
+  predict_fn = jax.jit(functools.partial(steps.predict_step, model=model, **kwargs))
+  written = []
+  for name in files:
+    path = os.path.join(input_dir, name)
+    try:
+      with Image.open(path) as im:
+        image = np.asarray(im.convert('RGB'))
+    except Exception as e:
+      raise ValueError(f'cannot decode image {path}: {e}') from e
+    pred = np.asarray(predict_fn(state, {'image': image[None]}))[0]
+    colours = info.palette[pred]
+    stem = os.path.splitext(name)[0]
+    for suffix, array in (('mask', colours), ('overlay', writers.overlay(image, colours))):
+      out = os.path.join(output_dir, f'{stem}_{suffix}.png')
+      Image.fromarray(array).save(out)
+      written.append(out)
+  print(f'wrote {len(written)} files for {len(files)} images to {output_dir}', flush=True)
+  run['ckpts'].close()
+  return written

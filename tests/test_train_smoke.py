@@ -42,22 +42,13 @@ def test_synthetic_scenes_deterministic_and_varied():
   np.testing.assert_array_equal(prefix, a_img[:3])
 
 
-def test_nearest_downsample_picks_the_centre_of_each_cell():
-  lab = np.arange(8 * 12).reshape(1, 8, 12)
-  out = train.nearest_downsample(lab, (2, 3))
-  np.testing.assert_array_equal(out[0], lab[0, 2::4, 2::4])
-  # odd sizes: 9 rows -> 3 output rows take rows 1, 4, 7 (the cell centres)
-  np.testing.assert_array_equal(train.nearest_downsample(np.arange(9).reshape(1, 9, 1),
-                                                         (3, 1))[0, :, 0], [1, 4, 7])
-
-
 def test_train_and_evaluate_smoke(tmp_path):
   c = get_config()
   c.model_overrides.base_width = 8
   c.model_overrides.path_widths = (16, 8, 8, 8)
   c.data_dir = str(tmp_path / 'data')
   c.image_size, c.num_train, c.num_val = 32, 32, 10  # 10 val images: last eval batch is padded
-  c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps, c.log_every = 8, 4, 12, 2, 4
+  c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps, c.log_every = 8, 8, 12, 2, 4
   out = train.train_and_evaluate(c, str(tmp_path))
   saved = json.loads((tmp_path / 'metrics.json').read_text())
   assert saved['val']['miou'] == out['val']['miou']

@@ -1,0 +1,114 @@
+"""orbax CheckpointManager wrapper: train state + data-iterator state + a JSON description.
+
+A checkpoint holds everything a resumed run needs to continue bit-identically: the TrainState
+(params, BatchNorm statistics, optimizer state, step, RNG), every process's grain iterator state,
+and the config/model it was written by. Saves are asynchronous; the latest ``keep`` and the best
+by val mIoU are preserved. Restores go onto an abstract target that carries the shardings of the
+current mesh, so a checkpoint written on 8 devices restores onto 1.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import orbax.checkpoint as ocp
+
+import jax
+import numpy as np
+
+from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
+
+
+def _describe(tree) -> dict[str, tuple]:
+  """path -> (shape, dtype) for arrays, abstract arrays and orbax array metadata alike."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))[0]
+  return {_path(p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in flat
+          if hasattr(x, 'shape')}
+
+
+def _path(keys) -> str:
+  """'params/block1/crp/conv0/kernel' whether the tree holds dataclasses, dicts or lists."""
+  parts = []
+  for k in keys:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
+
+
+def _compare(saved: dict, wanted: dict):
+  missing = sorted(set(wanted) - set(saved))
+  unexpected = sorted(set(saved) - set(wanted))
+  mismatched = [f'{k}: {saved[k]} vs {wanted[k]}' for k in sorted(set(saved) & set(wanted))
+                if saved[k] != wanted[k]]
+  return missing, unexpected, mismatched
+
+
+class Checkpoints:
+  """``save(step, state, data_iter, metrics=None)``, ``restore(abstract_state, data_iter)``."""
+
+  def __init__(self, directory: str, keep: int = 2, meta: dict | None = None):
+    self.directory = os.path.abspath(directory)
+    self.meta = meta or {}
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(n=keep),
+        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['miou'], n=1,
+                                      keep_checkpoints_without_metrics=False),
+    ])
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'data': grain.checkpoint.CheckpointHandler(),
+                       'meta': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(1)))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self.manager.best_step()
+
+  def save(self, step: int, state, data_iter, metrics: dict | None = None) -> None:
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(self.meta)), metrics=metrics, force=True)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, abstract_state, data_iter=None, step: int | None = None):
+    """State at ``step`` (default latest); ``data_iter`` is set to its saved position.
+
+    A checkpoint written for another model or class count is refused with the list of
+    mismatched entries before any array is read.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    meta = self.read_meta(step)
+    for key in ('model', 'num_classes'):
+      if key in self.meta and key in meta and meta[key] != self.meta[key]:
+        raise CheckpointMismatchError([], [], [f'{key}: {meta[key]} vs {self.meta[key]}'],
+                                      where=f' (step {step} in {self.directory})')
+    saved = self.manager.item_metadata(step)['state']
+    mismatch = _compare(_describe(saved), _describe(abstract_state))
+    if any(mismatch):
+      raise CheckpointMismatchError(*mismatch, where=f' (step {step} in {self.directory})')
+    args = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    return self.manager.restore(step, args=ocp.args.Composite(**args))['state']
+
+  def close(self) -> None:
+    self.manager.close()
+

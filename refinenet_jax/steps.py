@@ -1,0 +1,75 @@
+"""Pure train and eval steps: no jit, no mesh, no flags, no collectives.
+
+Called under ``jax.jit`` over global (sharded) arrays, every mean (the loss, BatchNorm
+statistics) covers the whole global batch; the trainer decides shardings (``sharding.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from refinenet_jax import inference, losses, metrics
+from refinenet_jax.models.preprocessing import normalize_images
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # raw uint32 key data: checkpoints as a plain array on every orbax version
+
+
+def split_outputs(outputs):
+  """Model output -> (logits, aux logits): models with deep supervision return a tuple."""
+  if isinstance(outputs, (tuple, list)):
+    return outputs[0], tuple(outputs[1])
+  return outputs, ()
+
+
+def train_step(state: TrainState, batch: dict, *, model, ignore_label: int = 255,
+               loss_mode: str = 'quarter', class_weights: Sequence[float] | None = None,
+               aux_weights: Sequence[float] = ()):
+  """One optimizer (micro-)step on uint8 images; returns (state, metrics of this batch)."""
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  images = normalize_images(batch['image'], model.normalization)
+
+  def loss_fn(params):
+    outputs, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
+                                   images, train=True, rngs={'dropout': rng},
+                                   mutable=['batch_stats'])
+    logits, aux = split_outputs(outputs)
+    loss, parts = losses.segmentation_loss(
+        logits, batch['label'], ignore_label=ignore_label, mode=loss_mode,
+        class_weights=class_weights, aux_logits=aux, aux_weights=aux_weights)
+    return loss, (updates, parts)
+
+  (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
+
+
+def logits_fn(state: TrainState, model):
+  """0..255 RGB images -> logits, eval mode (what the inference helpers call)."""
+  def fn(images):
+    outputs = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                          normalize_images(images, model.normalization), train=False)
+    return split_outputs(outputs)[0].astype(jnp.float32)
+  return fn
+
+
+def predict_step(state: TrainState, batch: dict, *, model, **inference_kwargs):
+  """Class ids at the input resolution; ``inference_kwargs`` go to ``inference.predict_labels``
+  (scales, flip, window, stride, pad_value, resize_mode)."""
+  return inference.predict_labels(
+      logits_fn(state, model), batch['image'].astype(jnp.float32),
+      out_size=batch['image'].shape[1:3], **inference_kwargs)
+
+
+def eval_step(state: TrainState, batch: dict, *, model, num_classes: int,
+              ignore_label: int = 255, **predict_kwargs):
+  """Un-normalised confusion matrix over the valid (``mask``) pixels of the batch."""
+  preds = predict_step(state, batch, model=model, **predict_kwargs)
+  return metrics.confusion_matrix(preds, batch['label'], num_classes, batch['mask'],
+                                  ignore_label)
