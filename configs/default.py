@@ -23,9 +23,10 @@ def get_config():
   c.manual_dir = ''  # extracted archives, for the real datasets (not needed once built)
   c.train_split = 'train'
   c.eval_split = 'val'
-  # synthetic_scenes only: what to generate
-  c.image_size = 64
-  c.num_train = 2000
+  # synthetic_scenes only: what to generate. 96 px: at 64 px even a perfect predictor at the
+  # models' 1/4 output resolution scores only 0.858 mIoU (experiments/colour_rule_baseline.py)
+  c.image_size = 96
+  c.num_train = 6000
   c.num_val = 500
   c.data_seed = 0  # also seeds shuffling and augmentation
   # input pipeline

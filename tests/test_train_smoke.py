@@ -1,5 +1,6 @@
 """The main-job trainer end to end on a shrunken config, plus metrics and the built-in data."""
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 
 from configs.default import get_config
 from refinenet_jax import metrics, train
-from refinenet_jax.data.synthetic import make_synthetic_scenes
+from refinenet_jax.data.synthetic import PALETTE, make_synthetic_scenes
 
 
 def test_confusion_matrix_and_scores_by_hand():
@@ -42,20 +43,39 @@ def test_synthetic_scenes_deterministic_and_varied():
   np.testing.assert_array_equal(prefix, a_img[:3])
 
 
-def test_train_and_evaluate_smoke(tmp_path):
-  c = get_config()
-  c.model_overrides.base_width = 8
-  c.model_overrides.path_widths = (16, 8, 8, 8)
+def test_train_evaluate_predict_end_to_end(tmp_path):
+  from PIL import Image
+  from configs.tiny import get_config as tiny_config
+  c = tiny_config()  # 10 val images in batches of 8: the last eval batch is padded
   c.data_dir = str(tmp_path / 'data')
-  c.image_size, c.num_train, c.num_val = 32, 32, 10  # 10 val images: last eval batch is padded
-  c.batch_size, c.eval_batch_size, c.num_steps, c.warmup_steps, c.log_every = 8, 8, 12, 2, 4
-  out = train.train_and_evaluate(c, str(tmp_path))
-  saved = json.loads((tmp_path / 'metrics.json').read_text())
-  assert saved['val']['miou'] == out['val']['miou']
-  assert 0.0 <= out['val']['miou'] <= 1.0
+  c.eval_every, c.checkpoint_every = 8, 8
+  workdir = tmp_path / 'run'
+  out = train.train_and_evaluate(c, str(workdir))
+  saved = json.loads((workdir / 'metrics.json').read_text())
+  assert saved['val']['miou'] == out['val']['miou'] and 0.0 <= out['val']['miou'] <= 1.0
   losses = [h['loss'] for h in out['train_loss']]
-  assert len(losses) == 3 and losses[-1] < losses[0]
-  assert np.all(np.isfinite(losses))
+  assert len(losses) == 3 and losses[-1] < losses[0] and np.all(np.isfinite(losses))
+  log = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert {'train/loss', 'train/lr', 'perf/img_per_sec'} <= log[0].keys()
+  assert [r['step'] for r in log if 'eval/miou' in r] == [8, 12]
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  # eval mode on the saved checkpoint reproduces the training run's final number
+  again = train.evaluate(c, str(workdir), checkpoint='latest')
+  assert again['miou'] == pytest.approx(out['val']['miou'], abs=1e-9)
+  c.eval_scales, c.eval_flip = (0.75, 1.0, 1.25), True  # multi-scale + flip path runs
+  assert 0.0 <= train.evaluate(c, str(workdir), checkpoint='latest')['miou'] <= 1.0
+  # predict mode: a colour mask and an overlay per image, colours from the palette
+  images = tmp_path / 'images'
+  images.mkdir()
+  x, _ = make_synthetic_scenes(2, (40, 52), seed=9)
+  for i, im in enumerate(x):
+    Image.fromarray(im).save(images / f'img{i}.png')
+  written = train.predict(c, str(workdir), str(images), str(tmp_path / 'pred'))
+  assert sorted(os.path.basename(w) for w in written) == [
+      'img0_mask.png', 'img0_overlay.png', 'img1_mask.png', 'img1_overlay.png']
+  mask = np.asarray(Image.open(tmp_path / 'pred' / 'img0_mask.png'))
+  assert mask.shape == (40, 52, 3)
+  assert {tuple(p) for p in mask.reshape(-1, 3)} <= {tuple(p) for p in PALETTE}
 
 
 def test_unknown_config_key_is_rejected():
