@@ -16,13 +16,11 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 import tensorflow_datasets as tfds
 
 from configs.default import get_config
-from refinenet_jax import train
+from refinenet_jax import optim, steps, train
 from refinenet_jax.data import datasets, pipeline, transforms
-from refinenet_jax.models import create_model
 
 
 def _rate(make_iter, images_per_batch, batches, repeats):
@@ -57,16 +55,14 @@ def camvid(root, data_dir, repeats):
 def default_config(data_dir, repeats):
   c = get_config()
   c.data_dir = data_dir
-  model = create_model(c.model, c.num_classes, **c.model_overrides.to_dict())
-  _, train_ds, _, _ = train.make_data(c, model.normalization)
+  model = train.build_model(c)
+  _, train_ds, _, _ = train.make_data(c, model.normalization, splits=('train',))
   pipe, runs = _rate(lambda: iter(train_ds), c.batch_size, 150, repeats)
-  # what training consumes: the jitted step alone on one fixed batch
+  # what training consumes: the jitted step alone on one fixed batch, on this process's devices
   batch = next(iter(train_ds))
-  variables = jax.jit(model.init)(jax.random.key(0), batch['image'][:1].astype(np.float32))
-  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'],
-                                  batch_stats=variables['batch_stats'],
-                                  tx=train.make_optimizer(c), rng=jax.random.key(1))
-  step = jax.jit(lambda s, b: train.train_step(s, b, model=model, ignore_label=255))
+  state = train.create_train_state(jax.random.key(0), model=model, tx=optim.make_optimizer(c),
+                                   input_shape=(1, *batch['image'].shape[1:]))
+  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model))
   state, m = step(state, batch)
   jax.block_until_ready(m)
   n = 40
