@@ -1,6 +1,6 @@
 """Floor and ceiling for the built-in synthetic scenes.
 
-  python experiments/colour_rule_baseline.py [--num_train 2000 --num_val 500 --size 64]
+  python experiments/colour_rule_baseline.py [--num_train 6000 --num_val 500 --size 96]
 
 Floor: the best per-pixel colour rule (colour -> most frequent train class, for every
 quantisation level in --levels); the dataset is built to defeat it. Ceiling: a perfect predictor
@@ -20,9 +20,9 @@ from refinenet_jax.models.layers import resize_bilinear
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument('--num_train', type=int, default=2000)
+  p.add_argument('--num_train', type=int, default=6000)
   p.add_argument('--num_val', type=int, default=500)
-  p.add_argument('--size', type=int, default=64)
+  p.add_argument('--size', type=int, default=96)
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--levels', type=int, nargs='+', default=[4, 8, 16, 32])
   a = p.parse_args()
