@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 
 import grain
-import orbax.checkpoint as ocp
-
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
 
@@ -38,14 +37,6 @@ def _path(keys) -> str:
     else:
       parts.append(str(k))
   return '/'.join(parts)
-
-
-def _compare(saved: dict, wanted: dict):
-  missing = sorted(set(wanted) - set(saved))
-  unexpected = sorted(set(saved) - set(wanted))
-  mismatched = [f'{k}: {saved[k]} vs {wanted[k]}' for k in sorted(set(saved) & set(wanted))
-                if saved[k] != wanted[k]]
-  return missing, unexpected, mismatched
 
 
 class Checkpoints:
@@ -100,10 +91,9 @@ class Checkpoints:
       if key in self.meta and key in meta and meta[key] != self.meta[key]:
         raise CheckpointMismatchError([], [], [f'{key}: {meta[key]} vs {self.meta[key]}'],
                                       where=f' (step {step} in {self.directory})')
-    saved = self.manager.item_metadata(step)['state']
-    mismatch = _compare(_describe(saved), _describe(abstract_state))
-    if any(mismatch):
-      raise CheckpointMismatchError(*mismatch, where=f' (step {step} in {self.directory})')
+    CheckpointMismatchError.check(_describe(self.manager.item_metadata(step)['state']),
+                                  _describe(abstract_state),
+                                  f' (step {step} in {self.directory})')
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args['data'] = grain.checkpoint.CheckpointRestore(data_iter)

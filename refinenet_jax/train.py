@@ -272,7 +272,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if save_now or eval_now:
         ckpts.save(step, state, train_iter,
                    metrics={'miou': result['miou']} if eval_now else None)
-      if preemption.any_process():
+      # across processes the flag is gathered only at log steps: a per-step host sync would
+      # cost every step on a pod
+      if (log_now or jax.process_count() == 1) and preemption.any_process():
         if not save_now:
           ckpts.save(step, state, train_iter)
         ckpts.wait()

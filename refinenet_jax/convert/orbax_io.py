@@ -54,11 +54,6 @@ def load_converted(path, *, expect_model: str | None = None,
         dict(abstract)).items()}
     have = {'/'.join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(
         dict(stored)).items()}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    mismatched = [f'{k}: {have[k]} vs {want[k]}' for k in sorted(set(want) & set(have))
-                  if have[k] != want[k]]
-    if missing or unexpected or mismatched:
-      raise CheckpointMismatchError(missing, unexpected, mismatched, f' ({path})')
+    CheckpointMismatchError.check(have, want, f' ({path})')
     variables = ckptr.restore(os.path.join(path, 'variables'), abstract)
   return model, variables

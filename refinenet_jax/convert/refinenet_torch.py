@@ -59,6 +59,16 @@ class CheckpointMismatchError(ValueError):
         fmt('unexpected in the checkpoint', unexpected) +
         fmt('shape mismatches (checkpoint vs model)', mismatched))
 
+  @classmethod
+  def check(cls, have: dict, want: dict, where: str = '') -> None:
+    """Raises unless ``have`` (checkpoint) and ``want`` (model), name -> shape, agree exactly."""
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    mismatched = [f'{k}: {have[k]} vs {want[k]}' for k in sorted(set(want) & set(have))
+                  if have[k] != want[k]]
+    if missing or unexpected or mismatched:
+      raise cls(missing, unexpected, mismatched, where)
+
 
 def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
   """Peels ``{'model': ...}``/``{'segmenter': ...}`` wrappers and DataParallel ``module.``."""
