@@ -239,10 +239,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if not (np.isfinite(loss) and np.isfinite(gnorm)):
       ckpts.wait()
       last = ckpts.latest_step()
+      where = ('no checkpoint was written yet' if last is None else
+               f'the last good checkpoint is step {last} in {ckpts.directory} (untouched)')
       raise FloatingPointError(
-          f'loss {loss} / gradient norm {gnorm} at step {step}: training stopped. The last '
-          f'good checkpoint is step {last} in {ckpts.directory} (untouched); lower the '
-          f'learning rate or enable grad_clip_norm and resume.')
+          f'loss {loss} / gradient norm {gnorm} at step {step}: training stopped; {where}. '
+          'Lower the learning rate or set grad_clip_norm, then resume.')
 
   history, result = [], None
   t_last, step_last, t0 = time.time(), start, time.time()
