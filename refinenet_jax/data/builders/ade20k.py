@@ -6,7 +6,6 @@ http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip). Masks s
 """
 from __future__ import annotations
 
-import glob
 import os
 
 
@@ -65,15 +64,6 @@ class Ade20k(base.SegmentationBuilder, skip_registration=True):
     for split, folder in SPLIT_DIRS.items():
       image_dir = base.require_dir(os.path.join(root, 'images', folder), f'{split} image dir')
       mask_dir = base.require_dir(os.path.join(root, 'annotations', folder), f'{split} mask dir')
-      images = sorted(glob.glob(os.path.join(glob.escape(image_dir), 'ADE_*.jpg')))
-      if not images:
-        raise base.DatasetError(f'no ADE_*.jpg images in {image_dir}')
-      examples = []
-      for image in images:
-        stem = os.path.splitext(os.path.basename(image))[0]
-        mask = os.path.join(mask_dir, stem + '.png')
-        if not os.path.isfile(mask):
-          raise base.DatasetError(f'image {image} has no mask (expected {mask})')
-        examples.append(base.Example(stem, image, mask))
+      examples = base.glob_pairs(image_dir, 'ADE_*.jpg', mask_dir)
       splits[split] = examples
     return splits

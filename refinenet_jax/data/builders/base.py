@@ -14,6 +14,7 @@ split list raises :class:`DatasetError` naming the file. Nothing is skipped.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import os
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -83,6 +84,21 @@ def read_list(path, what: str = 'split list') -> list[list[str]]:
   if not rows:
     raise DatasetError(f'empty {what}: {path}')
   return rows
+
+
+def glob_pairs(image_dir: str, pattern: str, mask_dir: str) -> list[Example]:
+  """Sorted images matching ``pattern`` paired with ``mask_dir/<stem>.png``; both must exist."""
+  images = sorted(glob.glob(os.path.join(glob.escape(image_dir), pattern)))
+  if not images:
+    raise DatasetError(f'no {pattern} images in {image_dir}')
+  examples = []
+  for image in images:
+    stem = os.path.splitext(os.path.basename(image))[0]
+    mask = os.path.join(mask_dir, stem + '.png')
+    if not os.path.isfile(mask):
+      raise DatasetError(f'image {image} has no mask (expected {mask})')
+    examples.append(Example(stem, image, mask))
+  return examples
 
 
 def _open_image(data: bytes, source: str) -> Image.Image:

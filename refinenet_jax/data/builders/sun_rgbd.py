@@ -6,7 +6,6 @@ unlabelled, 1..37 = classes; stored here as 255 and 0..36).
 """
 from __future__ import annotations
 
-import glob
 import os
 
 
@@ -43,15 +42,6 @@ class SunRgbd(base.SegmentationBuilder, skip_registration=True):
     splits = {}
     for split, folder in SPLIT_DIRS.items():
       image_dir = base.require_dir(os.path.join(root, folder), f'{split} image dir')
-      images = sorted(glob.glob(os.path.join(glob.escape(image_dir), 'img-*.jpg')))
-      if not images:
-        raise base.DatasetError(f'no img-*.jpg images in {image_dir}')
-      examples = []
-      for image in images:
-        stem = os.path.splitext(os.path.basename(image))[0]
-        label = os.path.join(label_dir, stem + '.png')
-        if not os.path.isfile(label):
-          raise base.DatasetError(f'image {image} has no label (expected {label})')
-        examples.append(base.Example(stem, image, label))
+      examples = base.glob_pairs(image_dir, 'img-*.jpg', label_dir)
       splits[split] = examples
     return splits
