@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 
 from configs.default import get_config
 from refinenet_jax import optim, steps, train
-from refinenet_jax.data import datasets, pipeline, transforms
+from refinenet_jax.data import datasets, pipeline
 
 
 def _rate(make_iter, images_per_batch, batches, repeats):
@@ -83,7 +83,6 @@ def main():
   p.add_argument('--out', default='')
   a = p.parse_args()
   tfds.disable_progress_bar()
-  transforms.cv2.setNumThreads(1)
   result = {'cpus': os.cpu_count(), 'jax': jax.__version__}
   with tempfile.TemporaryDirectory() as tmp:
     if os.path.isdir(a.camvid):

@@ -71,9 +71,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   """Builds the dataset once (a no-op when already built) and returns its builder."""
   builder = get_builder(name, data_dir, config, **kwargs)
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS is not None and manual_dir is None:
-    done = os.path.isdir(os.fspath(builder.data_path)) and any(
-        f.endswith('dataset_info.json') for f in os.listdir(os.fspath(builder.data_path)))
-    if not done:
+    if not builder.is_prepared():
       raise ValueError(f'{name} is not built in {builder.data_dir}; pass manual_dir=<folder with '
                        f'the extracted archives>:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
   download_config = tfds.download.DownloadConfig(

@@ -192,11 +192,9 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   DESCRIPTION: str = ''
   HOMEPAGE: str = ''
 
-  # Files are written in generation order (list-file order), so val example i is line i.
   def __init__(self, **kwargs):
     kwargs.setdefault('file_format', 'array_record')  # TFRecord writing would need TensorFlow
     super().__init__(**kwargs)
-    self._disable_shuffling = True
 
   @property
   def class_names(self) -> tuple[str, ...]:
@@ -219,7 +217,7 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
             'name': tfds.features.Text(),
         }),
         supervised_keys=('image', 'label'),
-        disable_shuffling=True,
+        disable_shuffling=True,  # written in list-file order: val example i is line i
         metadata=tfds.core.MetadataDict(
             class_names=list(self.class_names),
             num_classes=len(self.class_names),
