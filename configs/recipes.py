@@ -28,6 +28,8 @@ def paper_recipe(model: str, dataset: str, num_classes: int, *, crop=(400, 400),
   })
   c.num_classes = num_classes
   c.dataset, c.dataset_config = dataset, dataset_config
+  if dataset_config == 'aug':  # VOC + SBD: the builder's splits are train_aug / val
+    c.train_split = 'train_aug'
   c.crop_size = crop
   c.scale_range = (0.7, 1.3)
   c.batch_size = 16

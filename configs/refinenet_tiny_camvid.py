@@ -3,6 +3,8 @@
 Trains on random 0.5-1.0 rescales of the 360x480 images cropped to 192x256 (about 4x fewer
 pixels per image than full size) and evaluates on the whole 360x480 val images. No ImageNet
 weights. At learning rate 0.05 with batch 8 this diverged (NaN at step 200): 0.02 + clipping.
+Measured on 2 CPU cores: val mIoU 0.359 / 0.442 / 0.463 / 0.501 / 0.537 / 0.574 at steps 1500 /
+3000 / 4500 / 6000 / 7500 / 9000, 65 min wall (0.537 after 54 min); README "Measured".
 """
 from configs import default
 
@@ -14,12 +16,12 @@ def get_config():
   c.crop_size = (192, 256)
   c.scale_range = (0.5, 1.0)
   c.batch_size = 8
-  c.num_steps = 3000
+  c.num_steps = 9000
   c.learning_rate = 0.02
   c.grad_clip_norm = 1.0
   c.warmup_steps = 200
   c.eval_batch_size = 8
-  c.eval_every = 1000
+  c.eval_every = 1500
   c.checkpoint_every = 500
   c.log_every = 50
   return c

@@ -33,7 +33,10 @@ def test_config_resolves(name):
   assert config.model in list_models()
   assert config.dataset in datasets.BUILDERS
   if config.dataset not in ('folder',):
-    assert len(datasets.BUILDERS[config.dataset].CLASS_NAMES) == config.num_classes
+    builder = datasets.BUILDERS[config.dataset]
+    assert len(builder.CLASS_NAMES) == config.num_classes
+    splits = getattr(builder, 'CONFIG_SPLITS', {}).get(config.dataset_config, builder.SPLITS)
+    assert config.train_split in splits and config.eval_split in splits, splits
   optim.make_optimizer(config)
   optim.learning_rate_fn(config)
   model = train.build_model(config)

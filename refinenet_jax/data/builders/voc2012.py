@@ -58,6 +58,7 @@ class Voc2012(base.SegmentationBuilder, skip_registration=True):
   CLASS_NAMES = CLASS_NAMES
   PALETTE = base.default_palette(21)
   SPLITS = CONFIG_SPLITS['plain']  # of the default config; see CONFIG_SPLITS
+  CONFIG_SPLITS = CONFIG_SPLITS
   HOMEPAGE = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/'
   BUILDER_CONFIGS = [
       tfds.core.BuilderConfig(name='plain', description='VOC 2012 train (1464) / val (1449).'),
