@@ -53,6 +53,7 @@ def get_config():
   c.loss_mode = 'quarter'  # 'quarter' (official: labels at 1/4) or 'upsample' (PyTorch ports)
   c.class_weights = ()
   c.aux_weights = ()
+  c.loss_reduction = 'mean'  # or 'sum' over labelled pixels (Caffe normalize=False, FCN heavy)
 
   # evaluation
   c.eval_batch_size = 64

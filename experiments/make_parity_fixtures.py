@@ -3,7 +3,10 @@
 Needs torch and checkouts of the reference repositories (not vendored here):
   python experiments/make_parity_fixtures.py \
       --refinenet_pytorch=/path/to/DrSleep/refinenet-pytorch \
-      --light_weight_refinenet=/path/to/DrSleep/light-weight-refinenet
+      --light_weight_refinenet=/path/to/DrSleep/light-weight-refinenet \
+      --pytorch_fcn=/path/to/wkentaro/pytorch-fcn
+
+Each repository flag is optional; only the fixtures of the given ones are rewritten.
 
 For each reference model it takes the state-dict key list, fills it with
 ``refinenet_jax.testing.synthetic_state_dict(keys, seed)`` (non-default BN statistics), runs the
@@ -11,6 +14,11 @@ model in eval mode on an input whose sides are not multiples of 32, and stores k
 input and logits. CI regenerates the same weights from the seed, so no weights are stored.
 It also stores tiny checkpoints written by real ``torch.save`` (zip and legacy formats) so the
 torch-free reader is tested against the real thing.
+
+FCN-VGG16 (wkentaro's FCN32s/16s/8s/8sAtOnce, full width, 5 classes; one fixture): every tensor
+but the frozen ``upscore*`` deconvolutions gets synthetic weights (FCN8s's keys, which cover
+the other three nets', so one weight set serves all four); the ``upscore*`` keep the bilinear
+filters the reference initialises them with and never trains, which the JAX model hard-codes.
 """
 import argparse
 import collections
@@ -68,6 +76,52 @@ def make_parity(repo, ctor, out_name, seed, num_classes=21):
         'max|logit|', float(np.abs(logits).max()))
 
 
+def _import_torchfcn(repo):
+  """wkentaro's ``torchfcn.models`` without running the package ``__init__`` (which pulls in
+  its trainer's dependencies); ``fcn`` (a download helper) is stubbed when not installed."""
+  import importlib  # noqa: PLC0415
+  import importlib.util  # noqa: PLC0415
+  import types  # noqa: PLC0415
+  if importlib.util.find_spec('fcn') is None:
+    sys.modules['fcn'] = types.ModuleType('fcn')
+  pkg = types.ModuleType('torchfcn')
+  pkg.__path__ = [os.path.join(repo, 'torchfcn')]
+  sys.modules['torchfcn'] = pkg
+  return importlib.import_module('torchfcn.models.fcn32s'), importlib.import_module(
+      'torchfcn.models.fcn16s'), importlib.import_module('torchfcn.models.fcn8s')
+
+
+FCN_INPUT_SHAPE = (1, 3, 45, 61)  # NCHW, odd sides
+
+
+def make_fcn_parity(repo, seed, num_classes=5, out_name='parity_fcn_vgg16.npz'):
+  m32, m16, m8 = _import_torchfcn(repo)
+  ctors = [m32.FCN32s, m16.FCN16s, m8.FCN8s, m8.FCN8sAtOnce]
+  # FCN8s's non-upscore keys are a superset of the others': one weight set serves all four
+  keys = [(k, tuple(v.shape)) for k, v in m8.FCN8s(num_classes).state_dict().items()
+          if not k.startswith('upscore')]
+  sd = synthetic_state_dict(keys, seed)
+  # BGR 0..255 minus the mean: the range the Caffe weights are fed
+  x = ((np.random.default_rng(seed + 1).random(FCN_INPUT_SHAPE) - 0.5) * 255).astype(np.float32)
+  logits = {}
+  for ctor in ctors:
+    model = ctor(num_classes)
+    own = model.state_dict()
+    model.load_state_dict({k: torch.from_numpy(sd[k]) if k in sd else v
+                           for k, v in own.items()}, strict=True)
+    model.eval()
+    with torch.no_grad():
+      out = model(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    logits[f'logits_{ctor.__name__}'] = out
+    print(ctor.__name__, 'logits', out.shape, 'max|logit|', float(np.abs(out).max()))
+  np.savez_compressed(
+      os.path.join(HERE, out_name), seed=seed, num_classes=num_classes,
+      keys=np.array([k for k, _ in keys]), shapes=np.array([repr(s) for _, s in keys]),
+      input_nhwc=x.transpose(0, 2, 3, 1), **logits, torch_version=torch.__version__,
+      reference=f'pytorch-fcn@{_commit(repo)}')
+  print(out_name, len(keys), 'synthetic tensors')
+
+
 def make_torch_io():
   g = torch.Generator().manual_seed(0)
   sd = collections.OrderedDict()
@@ -91,12 +145,19 @@ def make_torch_io():
 
 if __name__ == '__main__':
   p = argparse.ArgumentParser()
-  p.add_argument('--refinenet_pytorch', required=True)
-  p.add_argument('--light_weight_refinenet', required=True)
+  p.add_argument('--refinenet_pytorch')
+  p.add_argument('--light_weight_refinenet')
+  p.add_argument('--pytorch_fcn')
   p.add_argument('--seed', type=int, default=0)
   a = p.parse_args()
+  if not (a.refinenet_pytorch or a.light_weight_refinenet or a.pytorch_fcn):
+    p.error('give at least one reference repository')
   torch.manual_seed(0)
   os.makedirs(HERE, exist_ok=True)
-  make_torch_io()
-  make_parity(a.refinenet_pytorch, 'rf101', 'parity_refinenet_r101.npz', a.seed)
-  make_parity(a.light_weight_refinenet, 'rf_lw50', 'parity_lw_refinenet_r50.npz', a.seed)
+  if a.refinenet_pytorch:
+    make_torch_io()
+    make_parity(a.refinenet_pytorch, 'rf101', 'parity_refinenet_r101.npz', a.seed)
+  if a.light_weight_refinenet:
+    make_parity(a.light_weight_refinenet, 'rf_lw50', 'parity_lw_refinenet_r50.npz', a.seed)
+  if a.pytorch_fcn:
+    make_fcn_parity(a.pytorch_fcn, a.seed)

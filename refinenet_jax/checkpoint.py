@@ -102,3 +102,35 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
+
+def read_variables(directory: str, sharding) -> tuple[dict, dict]:
+  """(meta, {'params', 'batch_stats'}) of a finished run's best step (else its latest).
+
+  What ``init_checkpoint=<workdir>`` starts a new run from (fine-tuning, staged FCN training);
+  the optimizer state, step and data position stay behind. ``sharding`` places every array
+  (replicated), so the run may have used any device count.
+  """
+  path = os.path.join(directory, 'checkpoints')
+  path = path if os.path.isdir(path) else directory
+  manager = ocp.CheckpointManager(os.path.abspath(path), item_handlers={
+      'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    step = manager.best_step()
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {path}')
+    stored = manager.item_metadata(step)['state']
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          stored, is_leaf=lambda m: hasattr(m, 'shape'))
+    out = manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), state=ocp.args.StandardRestore(target)))
+  finally:
+    manager.close()
+  return out['meta'], {k: out['state'][k] for k in ('params', 'batch_stats')}
+
+
+def check_variables(variables, abstract, where: str = '') -> None:
+  """Raises :class:`CheckpointMismatchError` unless every leaf's path, shape and dtype agree."""
+  CheckpointMismatchError.check(_describe(variables), _describe(abstract), where)
+

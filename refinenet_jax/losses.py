@@ -15,6 +15,9 @@ import optax
 from refinenet_jax.models.layers import resize_bilinear
 
 LOSS_MODES = ('quarter', 'upsample')
+# 'sum' is Caffe's SoftmaxWithLoss with normalize=False (the FCN "heavy" recipe): the loss, and so
+# the useful learning rate, scales with the number of labelled pixels in the batch.
+LOSS_REDUCTIONS = ('mean', 'sum')
 
 
 def nearest_downsample(labels, out_hw):
@@ -47,34 +50,40 @@ def cross_entropy(logits, labels, ignore_label: int = 255, class_weights=None):
   return jnp.sum(ce * weight), jnp.sum(weight)
 
 
-def _weighted_mean(logits, labels, *, ignore_label, mode, class_weights):
+def _reduced(logits, labels, *, ignore_label, mode, class_weights, reduction):
   if mode == 'quarter':
     labels = nearest_downsample(labels, logits.shape[1:3])
   else:
     logits = resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3], 'align_corners')
   total, norm = cross_entropy(logits, labels, ignore_label, class_weights)
+  if reduction == 'sum':
+    return total
   # 0 (not NaN) for a batch that is all ignore; the guarded divisor keeps the gradient finite.
   return jnp.where(norm > 0, total / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
 def segmentation_loss(logits, labels, *, ignore_label: int = 255, mode: str = 'quarter',
                       class_weights=None, aux_logits: Sequence = (),
-                      aux_weights: Sequence[float] = ()):
+                      aux_weights: Sequence[float] = (), reduction: str = 'mean'):
   """(main + sum_i aux_weights[i] * aux_i, {'loss/main': ..., 'loss/aux{i}': ...}).
 
   ``labels`` are (N, H, W) at full resolution; every head is compared with them by ``mode``
-  at its own resolution, and each term is its own weighted mean so an auxiliary head's weight
-  means the same whatever its size.
+  at its own resolution, and each term is its own weighted mean (``reduction='mean'``) so an
+  auxiliary head's weight means the same whatever its size, or its weighted sum over the
+  batch's pixels (``'sum'``, see ``LOSS_REDUCTIONS``).
   """
   if mode not in LOSS_MODES:
     raise ValueError(f'unknown loss mode {mode!r}; valid: {LOSS_MODES}')
+  if reduction not in LOSS_REDUCTIONS:
+    raise ValueError(f'unknown loss reduction {reduction!r}; valid: {LOSS_REDUCTIONS}')
   aux_logits, aux_weights = tuple(aux_logits), tuple(aux_weights)
   if len(aux_logits) != len(aux_weights):
     raise ValueError(f'{len(aux_logits)} aux_logits but {len(aux_weights)} aux_weights')
-  kwargs = dict(ignore_label=ignore_label, mode=mode, class_weights=class_weights)
-  loss = _weighted_mean(logits, labels, **kwargs)
+  kwargs = dict(ignore_label=ignore_label, mode=mode, class_weights=class_weights,
+                reduction=reduction)
+  loss = _reduced(logits, labels, **kwargs)
   parts = {'loss/main': loss}
   for i, (aux, w) in enumerate(zip(aux_logits, aux_weights)):
-    parts[f'loss/aux{i}'] = _weighted_mean(aux, labels, **kwargs)
+    parts[f'loss/aux{i}'] = _reduced(aux, labels, **kwargs)
     loss = loss + w * parts[f'loss/aux{i}']
   return loss, parts

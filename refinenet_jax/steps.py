@@ -30,7 +30,7 @@ def split_outputs(outputs):
 
 def train_step(state: TrainState, batch: dict, *, model, ignore_label: int = 255,
                loss_mode: str = 'quarter', class_weights: Sequence[float] | None = None,
-               aux_weights: Sequence[float] = ()):
+               aux_weights: Sequence[float] = (), loss_reduction: str = 'mean'):
   """One optimizer (micro-)step on uint8 images; returns (state, metrics of this batch)."""
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = normalize_images(batch['image'], model.normalization)
@@ -42,7 +42,8 @@ def train_step(state: TrainState, batch: dict, *, model, ignore_label: int = 255
     logits, aux = split_outputs(outputs)
     loss, parts = losses.segmentation_loss(
         logits, batch['label'], ignore_label=ignore_label, mode=loss_mode,
-        class_weights=class_weights, aux_logits=aux, aux_weights=aux_weights)
+        class_weights=class_weights, aux_logits=aux, aux_weights=aux_weights,
+        reduction=loss_reduction)
     return loss, (updates, parts)
 
   (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

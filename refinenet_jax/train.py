@@ -170,6 +170,64 @@ def setup(config, workdir: str, splits=('train', 'eval')):
               sizes=sizes, init=init, abstract=abstract, state_sh=state_sh, ckpts=ckpts)
 
 
+def loss_parts(metrics: dict, model) -> dict:
+  """'train/loss/main' and one entry per auxiliary head (named by ``model.aux_names`` where the
+  model has them, e.g. 'train/loss/ss_res2', else 'train/loss/aux0'), unweighted."""
+  names = tuple(getattr(model, 'aux_names', ()))
+  out = {}
+  for key, value in metrics.items():
+    if key.startswith('loss/aux'):
+      i = int(key[len('loss/aux'):])
+      key = f'loss/{names[i]}' if i < len(names) else key
+    if key.startswith('loss/'):
+      out[f'train/{key}'] = value
+  return out
+
+
+def make_train_step(config, model, mesh, state_sh, ignore_label: int = 255, wrap=None):
+  """The jitted, donating, sharded train step the trainer runs (benchmarks time this one).
+
+  ``wrap`` transforms the pure step before jit (the benchmark's per-device shard_map variant).
+  """
+  step = functools.partial(steps.train_step, model=model, ignore_label=ignore_label,
+                           loss_mode=config.loss_mode,
+                           class_weights=tuple(config.class_weights) or None,
+                           aux_weights=tuple(config.aux_weights),
+                           loss_reduction=config.loss_reduction)
+  step = wrap(step) if wrap is not None else step
+  return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _init_variables(config, run) -> dict:
+  """``config.init_checkpoint`` -> {'params', 'batch_stats'} checked against this run's model.
+
+  The path is converted weights (``python -m refinenet_jax.convert``) or another run's workdir
+  (its best step). A coarser FCN starts a finer one (staged 32s -> 16s -> 8s training: the new
+  skips start at zero); any other model, class count or normalisation is refused.
+  """
+  from refinenet_jax.convert.orbax_io import META, load_converted
+  from refinenet_jax.models import fcn
+  path, model = config.init_checkpoint, run['model']
+  if os.path.exists(os.path.join(path, META)):
+    with open(os.path.join(path, META)) as f:
+      meta = json.load(f)
+    _, variables = load_converted(path)
+  else:
+    meta, variables = checkpoint.read_variables(path, sharding.replicated(run['mesh']))
+  for key, want in (('num_classes', config.num_classes), ('normalization', model.normalization)):
+    if meta.get(key, want) != want:
+      raise ValueError(f'{path} has {key} {meta[key]!r}; this run needs {want!r}')
+  if meta['model'] != config.model:
+    if not fcn.is_coarser(meta['model'], config.model):
+      raise ValueError(f'{path} holds {meta["model"]}, not {config.model}')
+    variables = fcn.upgrade_variables(variables, model)
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  abstract = {'params': run['abstract'].params, 'batch_stats': run['abstract'].batch_stats}
+  checkpoint.check_variables(variables, abstract, f' ({path})')
+  return variables
+
+
 def initial_state(config, run, train_iter=None):
   """Newest checkpoint in the workdir, else ``config.init_checkpoint``, else random init."""
   ckpts, target = run['ckpts'], sharding.with_shardings(run['abstract'], run['state_sh'])
@@ -179,9 +237,7 @@ def initial_state(config, run, train_iter=None):
     return ckpts.restore(target, train_iter, step)
   state = jax.jit(run['init'], out_shardings=run['state_sh'])(jax.random.key(config.seed))
   if config.init_checkpoint:
-    from refinenet_jax.convert.orbax_io import load_converted
-    _, variables = load_converted(config.init_checkpoint, expect_model=config.model,
-                                  expect_num_classes=config.num_classes)
+    variables = _init_variables(config, run)
     put = lambda tree: jax.device_put(tree, sharding.replicated(run['mesh']))
     state = state.replace(params=put(variables['params']),
                           batch_stats=put(variables.get('batch_stats', {})))
@@ -204,14 +260,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f'{n_train} train images (crops {crop}), {n_eval} eval images (padded to {eval_size}); '
         f'{mesh.size} device(s) on {jax.process_count()} process(es)', flush=True)
 
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  step_fn = jax.jit(
-      functools.partial(steps.train_step, model=model, ignore_label=info.ignore_label,
-                        loss_mode=config.loss_mode,
-                        class_weights=tuple(config.class_weights) or None,
-                        aux_weights=tuple(config.aux_weights)),
-      in_shardings=(run['state_sh'], batch_sh), out_shardings=(run['state_sh'], repl),
-      donate_argnums=0)
+  step_fn = make_train_step(config, model, mesh, run['state_sh'], info.ignore_label)
   eval_fn = jax.jit(functools.partial(
       steps.eval_step, model=model, num_classes=info.num_classes,
       ignore_label=info.ignore_label,
@@ -264,7 +313,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         t_last, step_last = now, step
         lr = float(lr_fn(step // config.grad_accum_steps))
         writer.scalars(step, {'train/loss': m['loss'], 'train/lr': lr,
-                              'train/grad_norm': m['grad_norm'], 'perf/img_per_sec': rate})
+                              'train/grad_norm': m['grad_norm'], 'perf/img_per_sec': rate,
+                              **loss_parts(m, model)})
         history.append({'step': step, 'loss': float(m['loss'])})
         print(f'step {step}/{total}  loss {float(m["loss"]):.4f}  lr {lr:.2e}  '
               f'{rate:.1f} img/s  ETA {eta / 60:.1f} min', flush=True)

@@ -41,5 +41,7 @@ def test_config_resolves(name):
   optim.learning_rate_fn(config)
   model = train.build_model(config)
   crop = tuple(config.crop_size) or (config.image_size,) * 2
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *crop, 3))))
-  assert shapes['params']['classifier']['kernel'].shape[-1] == config.num_classes
+  x = jnp.zeros((1, *crop, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  logits = jax.eval_shape(lambda v: model.apply(v, x), shapes)
+  assert logits.shape[-1] == config.num_classes

@@ -212,3 +212,25 @@ def test_convert_cli_fails_on_partial_checkpoint(tmp_path):
     convert_main(['--model=refinenet_tiny', '--num_classes=3', '--layout=drsleep',
                   f'--checkpoint={tmp_path / "w.pth"}', f'--output={tmp_path / "out"}'])
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('name,layout', [('fcn8s_tiny', 'wkentaro_fcn'),
+                                         ('fcn_resnet_tiny', 'torchvision_fcn')])
+def test_cli_converts_every_model_family(tmp_path, capsys, name, layout):
+  """One CLI and one ``import_state_dict`` for every layout: the FCN families round-trip too."""
+  from refinenet_jax.convert import LAYOUTS, fcn_torch, torchvision_seg
+  assert {'drsleep', 'torchvision_resnet', 'wkentaro_fcn', 'wkentaro_vgg16',
+          'torchvision_vgg16', 'torchvision_fcn'} <= set(LAYOUTS)
+  model = rj.create_model(name, 3)
+  x = jax.random.normal(jax.random.key(1), (1, 37, 45, 3))
+  v = model.init(jax.random.key(0), x)
+  v = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(2), a.shape), v)
+  sd = (fcn_torch.export_state_dict(v, model, layout) if layout == 'wkentaro_fcn'
+        else torchvision_seg.export_state_dict(v, layout))
+  save_torch_state_dict(sd, tmp_path / 'w.pth')
+  assert convert_main([f'--model={name}', '--num_classes=3', f'--layout={layout}',
+                       f'--checkpoint={tmp_path / "w.pth"}', f'--output={tmp_path / "c"}']) == 0
+  model2, v2 = load_converted(tmp_path / 'c', expect_model=name, expect_num_classes=3)
+  np.testing.assert_allclose(model2.apply(v2, x), model.apply(v, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='unknown layout'):
+    import_state_dict(model, sd, 'no_such_layout')

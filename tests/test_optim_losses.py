@@ -249,3 +249,53 @@ def test_loss_argument_errors():
     losses.segmentation_loss(logits, labels, mode='bilinear')
   with pytest.raises(ValueError, match='aux'):
     losses.segmentation_loss(logits, labels, aux_logits=[logits], aux_weights=[])
+
+
+def test_sum_reduction_is_the_unnormalised_total_and_mean_is_unchanged():
+  logits, aux = _random_logits((2, 3, 4, 3)), _random_logits((2, 2, 2, 3), 1)
+  labels = jnp.asarray(np.random.default_rng(2).integers(0, 3, size=(2, 6, 8)))
+  labels = labels.at[0, :2].set(255)
+  weights = jnp.array([1.0, 2.0, 0.5])
+  kw = dict(mode='upsample', class_weights=weights, aux_logits=[aux], aux_weights=[0.4])
+  mean, mean_parts = losses.segmentation_loss(logits, labels, **kw)
+  # 'mean' is the default and the same computation as before the switch existed
+  default, _ = losses.segmentation_loss(logits, labels, reduction='mean', **kw)
+  assert float(default) == float(mean)
+  total, parts = losses.segmentation_loss(logits, labels, reduction='sum', **kw)
+  for name, lg in (('loss/main', logits), ('loss/aux0', aux)):
+    s, n = losses.cross_entropy(resize_bilinear(lg, (6, 8), 'align_corners'), labels,
+                                class_weights=weights)
+    np.testing.assert_allclose(parts[name], s, rtol=1e-6)  # Caffe normalize=False
+    np.testing.assert_allclose(mean_parts[name], s / n, rtol=1e-6)
+  np.testing.assert_allclose(total, parts['loss/main'] + 0.4 * parts['loss/aux0'], rtol=1e-6)
+  # all-ignored: the sum is 0 as well, with a finite gradient
+  ignored = jnp.full((1, 4, 4), 255, jnp.uint8)
+  f = lambda lg: losses.segmentation_loss(lg, ignored, reduction='sum')[0]
+  assert float(f(logits[:1])) == 0.0 and np.all(np.isfinite(jax.grad(f)(logits[:1])))
+  with pytest.raises(ValueError, match="'mean', 'sum'"):
+    losses.segmentation_loss(logits, labels, reduction='none')
+
+
+def test_train_step_threads_the_loss_reduction():
+  import flax.linen as nn
+  import optax
+  from refinenet_jax import steps, train
+
+  class PixelClassifier(nn.Module):
+    normalization: str = 'imagenet'
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Conv(3, (1, 1))(x)
+
+  model = PixelClassifier()
+  state = train.create_train_state(jax.random.key(0), model=model, tx=optax.sgd(0.0),
+                                   input_shape=(1, 8, 8, 3))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.integers(0, 255, (2, 8, 8, 3)), jnp.uint8),
+           'label': jnp.asarray(rng.integers(0, 3, (2, 8, 8)), jnp.int32)}
+  run = lambda **kw: steps.train_step(state, batch, model=model, loss_mode='upsample', **kw)[1]
+  mean, default, summed = run(loss_reduction='mean'), run(), run(loss_reduction='sum')
+  assert float(mean['loss']) == float(default['loss'])
+  np.testing.assert_allclose(summed['loss'], mean['loss'] * 2 * 8 * 8, rtol=1e-5)
+  np.testing.assert_allclose(summed['grad_norm'], mean['grad_norm'] * 2 * 8 * 8, rtol=1e-4)

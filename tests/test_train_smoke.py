@@ -3,6 +3,7 @@ import json
 import os
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
@@ -66,6 +67,18 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   assert again['miou'] == pytest.approx(out['val']['miou'], abs=1e-9)
   c.eval_scales, c.eval_flip = (0.75, 1.0, 1.25), True  # multi-scale + flip path runs
   assert 0.0 <= train.evaluate(c, str(workdir), checkpoint='latest')['miou'] <= 1.0
+  # a new run started from this one (init_checkpoint = its workdir) gets the best step's
+  # params and BN statistics, not its optimizer state or step
+  best, _ = train._restore_for_inference(c, train.setup(c, str(workdir), splits=()), 'best')
+  c2 = tiny_config()
+  c2.data_dir, c2.num_devices, c2.init_checkpoint = c.data_dir, 2, str(workdir)
+  fresh = train.initial_state(c2, train.setup(c2, str(tmp_path / 'run2'), splits=()))
+  assert int(fresh.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, (fresh.params, fresh.batch_stats),
+               (best.params, best.batch_stats))
+  c2.num_classes += 1
+  with pytest.raises(ValueError, match='num_classes'):
+    train.initial_state(c2, train.setup(c2, str(tmp_path / 'run3'), splits=()))
   # predict mode: a colour mask and an overlay per image, colours from the palette
   images = tmp_path / 'images'
   images.mkdir()

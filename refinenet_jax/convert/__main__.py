@@ -3,8 +3,10 @@
   python -m refinenet_jax.convert --model=refinenet_r101 --num_classes=21 \
       --layout=drsleep --checkpoint=refinenet101_voc.pth --output=/tmp/rf101_voc
 
-``--layout=torchvision_resnet`` imports ImageNet encoder weights and initialises the decoder
-from ``--seed``. Import is strict: any missing, unexpected or mis-shaped tensor aborts.
+Layouts: ``drsleep`` (RefineNet / LW-RefineNet), ``torchvision_resnet`` (ImageNet ResNet/ResNeXt
+encoder; the decoder is initialised from ``--seed``), ``wkentaro_fcn`` (FCN-32s/16s/8s),
+``wkentaro_vgg16`` / ``torchvision_vgg16`` (FCN trunk), ``torchvision_fcn`` (FCN-ResNet50/101). Import is strict: any missing, unexpected or
+mis-shaped tensor aborts.
 """
 import argparse
 import json
@@ -12,8 +14,8 @@ import sys
 
 import jax
 
+from refinenet_jax.convert import LAYOUTS, import_state_dict
 from refinenet_jax.convert.orbax_io import save_converted
-from refinenet_jax.convert.refinenet_torch import LAYOUTS, import_state_dict
 from refinenet_jax.models import create_model, list_models
 
 

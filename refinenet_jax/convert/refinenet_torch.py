@@ -160,6 +160,18 @@ def import_state_dict(model, state_dict: Mapping[str, np.ndarray] | Any, layout:
   if layout not in LAYOUTS:
     raise ValueError(f'unknown layout {layout!r}; known: {sorted(LAYOUTS)}')
   lay = LAYOUTS[layout]
+  return strict_import(model, state_dict, lay, lambda path: torch_key_for(path, lay),
+                       init_variables=init_variables, rng=rng, input_shape=input_shape)
+
+
+def strict_import(model, state_dict, lay: Layout, key_for, *, init_variables=None, rng=None,
+                  input_shape=(1, 64, 64, 3)):
+  """:func:`import_state_dict` for any layout: ``key_for(flax path) -> torch key | None``.
+
+  Without ``init_variables``, whole-model layouts only trace the model (every leaf comes from
+  the checkpoint); encoder-only layouts initialise it for real with ``rng``.
+  """
+  layout = lay.name
   if getattr(model, 'normalization', lay.normalization) != lay.normalization:
     raise ValueError(f'{layout} weights expect {lay.normalization!r} input normalisation but the '
                      f'model is configured with {model.normalization!r}')
@@ -178,7 +190,7 @@ def import_state_dict(model, state_dict: Mapping[str, np.ndarray] | Any, layout:
   expected = {}  # torch key -> list of flax paths (2-scale models share one source encoder)
   unmapped = []
   for path in flat:
-    key = torch_key_for(path, lay)
+    key = key_for(path)
     if key is None:
       if lay.whole_model:
         unmapped.append('/'.join(path))
@@ -214,9 +226,14 @@ def import_state_dict(model, state_dict: Mapping[str, np.ndarray] | Any, layout:
 def export_state_dict(variables, layout: str = 'drsleep') -> dict[str, np.ndarray]:
   """Flax variables -> torch-layout state dict (inverse of :func:`import_state_dict`)."""
   lay = LAYOUTS[layout]
+  return export_with(variables, lambda path: torch_key_for(path, lay), layout)
+
+
+def export_with(variables, key_for, layout: str) -> dict[str, np.ndarray]:
+  """:func:`export_state_dict` for any layout: ``key_for(flax path) -> torch key | None``."""
   out = {}
   for path, v in traverse_util.flatten_dict(dict(variables)).items():
-    key = torch_key_for(path, lay)
+    key = key_for(path)
     if key is None:
       raise ValueError(f'{"/".join(path)} has no {layout} key')
     v = np.asarray(v, np.float32)

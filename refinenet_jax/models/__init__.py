@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from refinenet_jax.models import refinenet
+from refinenet_jax.models import exfuse, fcn, fcn_resnet, refinenet
 
 MODELS = {}
-for _module in (refinenet,):
+for _module in (refinenet, fcn_resnet, fcn, exfuse):
   for _name, _ctor in _module.VARIANTS.items():
     if _name in MODELS:
       raise RuntimeError(f'duplicate model name {_name!r} in {_module.__name__}')

@@ -1,6 +1,7 @@
-"""ResNet encoders (bottleneck) returning the four stage outputs at strides 4/8/16/32.
+"""ResNet / ResNeXt encoders (bottleneck) returning the four stage outputs at strides 4/8/16/32.
 
 Names mirror torchvision (``layer{s}_{b}/conv1`` ...) so that weight import is a fixed rule.
+ResNeXt only changes the 3x3 (grouped) and the inner width, so it keeps the same names.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ RESNET_STAGES = {
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
+# ExFuse's layer rearrangement of ResNeXt-101: the same 33 blocks moved towards the early stages.
+RESNEXT_LR_STAGES = (8, 8, 9, 8)
 
 STRIDE_STYLES = ('v1.5', 'v1')
 
@@ -29,10 +32,12 @@ def _bn(name, use_running_average, dtype, momentum, scale_init=nn.initializers.o
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 -> 1x1 bottleneck.
+  """1x1 -> 3x3 -> 1x1 bottleneck with ``width * 4`` outputs.
 
   stride_style 'v1.5' (torchvision, both PyTorch RefineNet ports) puts the stride on the 3x3;
   'v1' (MSRA/Caffe weights, official MatConvNet RefineNet) puts it on the first 1x1.
+  ResNeXt (``groups`` > 1) groups the 3x3; the inner width is torchvision's
+  ``int(width * width_per_group / 64) * groups`` (= ``width`` for a plain ResNet).
   """
   width: int
   stride: int = 1
@@ -42,15 +47,23 @@ class Bottleneck(nn.Module):
   use_running_average: bool = True
   bn_momentum: float = 0.9
   dtype: Dtype = jnp.float32
+  groups: int = 1
+  width_per_group: int = 64
 
   @nn.compact
   def __call__(self, x):
     s1, s3 = (1, self.stride) if self.stride_style == 'v1.5' else (self.stride, 1)
     bn = lambda n, **kw: _bn(n, self.use_running_average, self.dtype, self.bn_momentum, **kw)
-    y = conv(self.width, 1, stride=s1, use_bias=False, name='conv1', dtype=self.dtype)(x)
+    inner = int(self.width * self.width_per_group / 64) * self.groups
+    if inner < self.groups:
+      raise ValueError(f'width {self.width} x width_per_group {self.width_per_group} / 64 leaves '
+                       f'no channel per group ({self.groups} groups)')
+    y = conv(inner, 1, stride=s1, use_bias=False, name='conv1', dtype=self.dtype)(x)
     y = nn.relu(bn('bn1')(y))
-    y = conv(self.width, 3, stride=s3, dilation=self.dilation, use_bias=False, name='conv2',
-             dtype=self.dtype)(y)
+    d = self.dilation
+    y = nn.Conv(inner, (3, 3), strides=(s3, s3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
+                feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
+                param_dtype=jnp.float32, name='conv2')(y)
     y = nn.relu(bn('bn2')(y))
     y = conv(self.width * 4, 1, use_bias=False, name='conv3', dtype=self.dtype)(y)
     y = bn('bn3')(y)
@@ -62,12 +75,14 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-  """Bottleneck ResNet without pooling/fc; returns (C2, C3, C4, C5).
+  """Bottleneck ResNet / ResNeXt without pooling/fc; returns (C2, C3, C4, C5).
 
   output_stride 16/8 replaces the stride of the last one/two stages by dilation exactly as
   torchvision's ``replace_stride_with_dilation`` does (first block keeps the previous dilation).
   freeze_bn keeps the stored statistics in training too (the official RefineNet recipe) while
   scale/bias stay trainable. remat rematerialises each block in the backward pass.
+  ``base_width`` is the stem width and the first stage's ``planes`` (torchvision's 64);
+  ``groups``/``width_per_group`` are torchvision's (ResNeXt 32x4d: 32, 4).
   """
   stage_sizes: Sequence[int] = (3, 4, 23, 3)
   base_width: int = 64
@@ -77,6 +92,8 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   remat: bool = False
   dtype: Dtype = jnp.float32
+  groups: int = 1
+  width_per_group: int = 64
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -99,7 +116,8 @@ class ResNet(nn.Module):
         dilation, stride = dilation * stride, 1
       for b in range(n_blocks):
         x = block_cls(
-            width=width, stride=stride if b == 0 else 1,
+            width=width, groups=self.groups, width_per_group=self.width_per_group,
+            stride=stride if b == 0 else 1,
             dilation=prev_dilation if b == 0 else dilation,
             downsample=(b == 0 and (stride != 1 or in_features != width * 4)),
             stride_style=self.stride_style, use_running_average=use_ra,
