@@ -28,7 +28,9 @@ setup(
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
     ],
     extras_require={
-        'test': ['pytest>=8', 'pytest-xdist>=3.5'],
+        # nbclient/nbformat/ipykernel execute the Colab notebook in a test; matplotlib draws
+        'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
+                 'ipykernel>=6.29', 'matplotlib>=3.8'],
         # Only for regenerating parity fixtures / side-by-side benchmarks; never needed to run.
         'torch': ['torch>=2.3'],
     },

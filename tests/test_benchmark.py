@@ -1,0 +1,222 @@
+"""experiments/benchmark.py: records for both modes and both parallel styles on the 8 fake
+devices, the per-device (shard_map) step against the trainer's global step, the output tables
+and the PyTorch reference registry.
+
+The PyTorch side by side runs only where torch is: ``RJ_TORCH_PYTHON`` (an interpreter with
+torch + torchvision; else this one if it has torch) and, for the reference-checkout path,
+``RJ_LIGHT_WEIGHT_REFINENET`` (a checkout of DrSleep/light-weight-refinenet).
+"""
+import importlib.util
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
+import benchmark  # noqa: E402
+import torch_reference  # noqa: E402
+
+MODEL = 'lw_refinenet_tiny'
+KW = dict(num_classes=3, size=(32, 32), model_overrides={'tap_dropout': 0.0},
+          config_overrides={'warmup_steps': 0})  # no warm-up: the first step already moves
+BATCH = 8
+PEAK = 1e11
+
+
+@pytest.fixture(scope='module', autouse=True)
+def quick_compiles():
+  # what is tested is the tool's plumbing, not XLA's speed: compile with few optimisations
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
+@pytest.fixture(scope='module')
+def records():
+  return {(mode, par): benchmark.run(MODEL, batch=BATCH, mode=mode, parallel=par, iters=2,
+                                     repeats=2, warmup=1, peak_flops=PEAK, **KW)
+          for mode in benchmark.MODES for par in benchmark.PARALLEL}
+
+
+def test_records_are_complete_json(records):
+  assert len(records) == 4
+  for (mode, par), r in records.items():
+    assert json.loads(json.dumps(r)) == r
+    assert (r['model'], r['mode'], r['parallel'], r['batch']) == (MODEL, mode, par, BATCH)
+    assert r['num_devices'] == jax.device_count() == 8
+    assert r['compile_s'] > 0 and r['lower_s'] > 0
+    ips, step = r['images_per_s'], r['step_s']
+    assert 0 < ips['min'] <= ips['median'] <= ips['max']
+    assert ips['median'] == pytest.approx(BATCH / step['median'])
+    assert r['flops_per_step'] > 0 and r['flops_per_image'] == r['flops_per_step'] / BATCH
+    assert r['achieved_flops_per_s'] == pytest.approx(r['flops_per_step'] / step['median'])
+    # CPU has no table entry: the peak is the override, summed over the devices
+    assert r['peak_source'] == '--peak_flops' and r['peak_flops_per_s'] == PEAK * 8
+    assert r['mfu'] == pytest.approx(r['achieved_flops_per_s'] / (PEAK * 8))
+    mem = r['memory_per_device']
+    assert mem['estimate_bytes'] > 0 and mem['peak_bytes_in_use'] is None  # CPU: no stats
+    assert r['params'] > 0 and r['aux_heads'] == 0
+
+
+def test_flops_count_the_global_step(records):
+  inf, trn = records['inference', 'jit'], records['train', 'jit']
+  # forward + backward of the same batch: between 2x and 5x the forward alone
+  assert 2 < trn['flops_per_step'] / inf['flops_per_step'] < 5
+  # both styles compute the same global batch, so the per-device programs' sums agree
+  for mode in benchmark.MODES:
+    a, b = records[mode, 'jit']['flops_per_step'], records[mode, 'shard_map']['flops_per_step']
+    assert b == pytest.approx(a, rel=0.1)
+
+
+def test_per_device_step_equals_global_step_on_identical_shards():
+  # Every device holds the same example, so per-device BatchNorm statistics and mean gradients
+  # are the global ones: the steps must agree. A gradient left summed over the 8 devices (the
+  # shard_map trap) would make the update 8x larger.
+  s = benchmark.setup(MODEL, **KW)
+  one = benchmark.make_inputs(1, KW['size'], KW['num_classes'], seed=1)
+  batch = benchmark.sharding.put_batch({k: np.repeat(v, BATCH, 0) for k, v in one.items()},
+                                       s.mesh)
+  init = jax.device_get(s.init(jax.random.key(0)).params)
+  results = {}
+  for par in benchmark.PARALLEL:
+    fn, state = benchmark.make_step(s, 'train', par), s.init(jax.random.key(0))
+    for _ in range(2):
+      state, metrics = fn(state, batch)
+    results[par] = jax.device_get((state, metrics))
+  (a, ma), (b, mb) = results['jit'], results['shard_map']
+  delta = lambda st: np.concatenate([(p - q).ravel() for p, q in zip(
+      jax.tree.leaves(st.params), jax.tree.leaves(init))])
+  da, db = delta(a), delta(b)
+  assert np.linalg.norm(da) > 1e-4
+  assert np.linalg.norm(db - da) < 1e-3 * np.linalg.norm(da)
+  np.testing.assert_allclose(ma['loss'], mb['loss'], rtol=1e-5)
+  np.testing.assert_allclose(ma['grad_norm'], mb['grad_norm'], rtol=1e-4)
+  for x, y in zip(jax.tree.leaves(a.batch_stats), jax.tree.leaves(b.batch_stats)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  assert int(a.step) == int(b.step) == 2
+
+
+def test_cost_analysis_forms():
+  class Fake:
+    def __init__(self, analysis):
+      self.analysis = analysis
+
+    def cost_analysis(self):
+      return self.analysis
+  assert benchmark.step_flops(Fake({'flops': 6.0})) == 6.0
+  assert benchmark.step_flops(Fake([{'flops': 2.0}, {'flops': 3.0}])) == 5.0  # older jax
+  assert benchmark.step_flops(Fake({})) is None
+  assert benchmark.step_flops(Fake([None])) is None
+
+
+def test_peak_table_lookup():
+  peak = benchmark.peak_flops_per_device
+  assert peak('NVIDIA H100 80GB HBM3', 'bfloat16') == (989e12, 'H100')
+  assert peak('NVIDIA H100 PCIe', 'bfloat16')[0] == 756.5e12
+  assert peak('NVIDIA H200', 'float32')[0] == 494.5e12
+  assert peak('TPU v5 lite', 'bfloat16')[0] == 197e12  # v5e, not v5p
+  assert peak('TPU v5p', 'bfloat16')[0] == 459e12
+  assert peak('TPU v4', 'float32')[0] == 275e12
+  assert peak('cpu', 'float32') == (None, None)
+
+
+def test_tables(records):
+  rs = list(records.values())
+  md = benchmark.table(rs, markdown=True).splitlines()
+  assert len(md) == 2 + len(rs)
+  assert all(line.count('|') == len(benchmark.COLUMNS) + 1 for line in md)
+  assert md[2].startswith(f'| {MODEL} | inference | float32 | jit | 8 | 8 | 32x32 |')
+  assert '%' in md[2] and md[2].endswith('| n/a | n/a |')  # MFU given; no torch
+  assert len(benchmark.table(rs).splitlines()) == 1 + len(rs)
+
+
+def test_cli_rejects_unknown_names(capsys):
+  with pytest.raises(SystemExit):
+    benchmark.main(['--models=refinenet_tiny,no_such_model'])
+  err = capsys.readouterr().err
+  assert "unknown model(s) ['no_such_model']" in err and 'refinenet_tiny' in err
+  with pytest.raises(SystemExit):
+    benchmark.main(['--modes=inference,backward'])
+  assert "unknown ['backward']" in capsys.readouterr().err
+  # a missing reference checkout is reported before any model is compiled
+  with pytest.raises(SystemExit):
+    benchmark.main(['--models=lw_refinenet_r50', '--torch_python=/nonexistent/python'])
+  assert '--light_weight_refinenet=<checkout of DrSleep' in capsys.readouterr().err
+  with pytest.raises(KeyError, match='unknown config key'):
+    benchmark.make_config(MODEL, 3, 'float32', config_overrides={'lerning_rate': 0.1})
+
+
+def test_torch_registry_without_torch():
+  assert torch_reference.resolve('refinenet_r101') == ('refinenet_pytorch', 'rf101')
+  assert torch_reference.resolve('lw_refinenet_r50') == ('light_weight_refinenet', 'rf_lw50')
+  assert torch_reference.resolve('fcn8s') == ('pytorch_fcn', 'FCN8s')
+  assert torch_reference.resolve('fcn_resnet50') == (None, 'fcn_resnet50')
+  with pytest.raises(KeyError, match="no PyTorch reference registered for 'refinenet_tiny'.*"
+                                     'refinenet_r101'):
+    torch_reference.resolve('refinenet_tiny')
+  for name in ('exfuse_resnext101', 'gcn_resnet152'):
+    with pytest.raises(torch_reference.NoReference, match='has no official code'):
+      torch_reference.resolve(name)
+  # a reference that needs a checkout names the flag before importing anything
+  with pytest.raises(FileNotFoundError, match='--refinenet_pytorch=<checkout of DrSleep'):
+    torch_reference.build('refinenet_r101', {}, 21)
+  # the parent rejects the name before starting a child interpreter
+  with pytest.raises(KeyError):
+    benchmark.run_torch('refinenet_tiny', torch_python='/nonexistent/python', repos={},
+                        inputs={}, modes=['inference'], dtypes=['float32'])
+
+
+def test_attach_torch_ratio():
+  base = {'model': 'm', 'mode': 'train', 'dtype': 'float32', 'batch': 2, 'size': [8, 8]}
+  jax_rec = dict(base, images_per_s={'median': 2.0})
+  other = dict(base, mode='inference', images_per_s={'median': 9.0})
+  benchmark.attach_torch([jax_rec, other], [dict(base, images_per_s={'median': 5.0})])
+  assert jax_rec['time_ratio_jax_over_torch'] == 2.5  # JAX takes 2.5x as long per image
+  assert 'torch' in jax_rec and 'torch' not in other
+
+
+def _torch_python():
+  if os.environ.get('RJ_TORCH_PYTHON'):
+    return os.environ['RJ_TORCH_PYTHON']
+  return sys.executable if importlib.util.find_spec('torch') else None
+
+
+needs_torch = pytest.mark.skipif(_torch_python() is None, reason='no torch (RJ_TORCH_PYTHON)')
+
+
+@needs_torch
+def test_torch_child_torchvision_model():
+  inputs = benchmark.make_inputs(2, (32, 32), 3)
+  recs = benchmark.run_torch('fcn_resnet50', torch_python=_torch_python(), repos={},
+                             inputs=inputs, modes=['inference', 'train'],
+                             dtypes=['float32', 'bfloat16'], num_classes=3, iters=1, repeats=2,
+                             warmup=0, threads=1)
+  assert [(r['mode'], r['dtype']) for r in recs] == [
+      ('inference', 'float32'), ('train', 'float32'), ('inference', 'bfloat16'),
+      ('train', 'bfloat16')]
+  for r in recs:
+    assert r['framework'] == 'torch' and r['images_per_s']['median'] > 0
+    assert r['threads'] == 1 and r['size'] == [32, 32] and r['batch'] == 2
+  assert recs[1]['aux_heads'] == 1  # torchvision's FCN, built with its auxiliary classifier
+
+
+@needs_torch
+@pytest.mark.skipif(not os.path.isdir(os.environ.get('RJ_LIGHT_WEIGHT_REFINENET', '')),
+                    reason='no light-weight-refinenet checkout (RJ_LIGHT_WEIGHT_REFINENET)')
+def test_side_by_side_cli(tmp_path):
+  out = tmp_path / 'bench.jsonl'
+  recs = benchmark.main([
+      '--models=lw_refinenet_r50', '--size=64', '--batch=1', '--modes=inference',
+      '--num_devices=1', '--iters=1', '--repeats=1', '--warmup=0', '--num_classes=3',
+      f'--torch_python={_torch_python()}', f'--out={out}',
+      f'--light_weight_refinenet={os.environ["RJ_LIGHT_WEIGHT_REFINENET"]}'])
+  (r,) = recs
+  assert r['torch']['reference'].startswith('DrSleep/light-weight-refinenet@')
+  assert r['torch']['params'] == r['params']  # the same architecture on both sides
+  assert r['time_ratio_jax_over_torch'] == pytest.approx(
+      r['torch']['images_per_s']['median'] / r['images_per_s']['median'])
+  assert json.loads(out.read_text().splitlines()[0]) == r
