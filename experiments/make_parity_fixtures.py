@@ -23,7 +23,6 @@ filters the reference initialises them with and never trains, which the JAX mode
 import argparse
 import collections
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -31,31 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from refinenet_jax.testing import synthetic_state_dict  # noqa: E402
+# the reference loaders shared with the benchmark (this directory is sys.path[0] when run)
+from torch_reference import _commit, _drsleep as _import_reference  # noqa: E402
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'fixtures')
 INPUT_SHAPE = (2, 3, 61, 83)  # NCHW, neither side a multiple of 32
-
-
-def _import_reference(repo, ctor):
-  for mod in [m for m in sys.modules if m.split('.')[0] in ('models', 'utils')]:
-    del sys.modules[mod]
-  sys.path.insert(0, repo)
-  try:
-    import models.resnet as ref  # noqa: PLC0415  (the reference repo's module)
-    return getattr(ref, ctor)
-  finally:
-    sys.path.remove(repo)
-
-
-def _commit(repo):
-  marker = os.path.join(repo, 'COMMIT')  # for trees exported with `git archive`
-  if os.path.exists(marker):
-    return open(marker).read().strip()
-  try:
-    return subprocess.check_output(['git', '-C', repo, 'rev-parse', 'HEAD'], text=True,
-                                   stderr=subprocess.DEVNULL).strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
 
 
 def make_parity(repo, ctor, out_name, seed, num_classes=21):
