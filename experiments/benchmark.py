@@ -18,6 +18,10 @@ builds it (default config: SGD + momentum, weight decay, the 1/4-resolution loss
 styles: ``jit`` is the trainer's global view (batch split over a ('data',) mesh, SyncBN
 semantics); ``shard_map`` runs the same step per device (``sharding.per_device_*``).
 
+With ``--profile_dir`` each configuration runs once more under ``jax.profiler`` (untimed) and
+the record gains a ``profile``: the step's device time by phase, model component and primitive,
+with the convolutions' FLOPs beside it (``op_profile.py``); the CLI prints it as tables.
+
 With ``--torch_python`` the PyTorch reference of each model (``torch_reference.py``) runs in a
 child process on the same inputs, batch, size and thread count, eager, and the JAX/torch time
 ratio is printed (> 1: JAX is slower).
@@ -43,6 +47,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, '..'), HERE]
+import op_profile  # noqa: E402
 import torch_reference  # noqa: E402  (importable without torch)
 from configs import default  # noqa: E402
 from refinenet_jax import list_models, optim, sharding, steps, train  # noqa: E402
@@ -231,9 +236,13 @@ def run(model_name: str, *, size=(512, 512), batch: int = 1, dtype: str = 'float
       out = call()
     jax.block_until_ready(out)
     times.append(time.perf_counter() - t0)
+  profile = None
   if profile_dir:  # one more run under the profiler, not timed
     with jax.profiler.trace(profile_dir):
-      jax.block_until_ready([call() for _ in range(iters)])
+      for _ in range(iters):
+        out = call()  # earlier outputs' states are donated to the next step
+      jax.block_until_ready(out)
+    profile = op_profile.breakdown(compiled.as_text(), profile_dir, steps=iters)
   if mode == 'train':
     loss = float(jax.device_get(out[1]['loss']))
     if not np.isfinite(loss):
@@ -267,6 +276,7 @@ def run(model_name: str, *, size=(512, 512), batch: int = 1, dtype: str = 'float
       'peak_source': peak_source, 'mfu': achieved / peak_total if achieved and peak else None,
       'memory_per_device': device_memory(compiled, s.mesh.devices.flat),
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      **({'profile': profile} if profile else {}),
   }
 
 
@@ -376,7 +386,8 @@ def main(argv=None):
   p.add_argument('--peak_flops', type=float, default=None,
                  help='peak FLOP/s of one device for MFU (needed on CPU, e.g. cores x GHz x '
                       'FLOPs/cycle); overrides the PEAK_FLOPS table')
-  p.add_argument('--profile_dir', default='', help='also write a jax.profiler trace here')
+  p.add_argument('--profile_dir', default='',
+                 help='also write a jax.profiler trace here and print where the time goes')
   p.add_argument('--out', default='', help='append the JSON records to this file')
   p.add_argument('--markdown', action='store_true', help='print the table as markdown')
   p.add_argument('--list', action='store_true', help='list models and PyTorch references')
@@ -459,6 +470,12 @@ def main(argv=None):
         for r in model_records:
           f.write(json.dumps(r) + '\n')
   print(table(records, markdown=a.markdown))
+  for r in records:
+    if 'profile' in r:
+      print(f'\n{r["model"]} {r["mode"]} {r["dtype"]} {r["parallel"]}: per step and device, '
+            'summed instruction time (op_profile.py)')
+      for key in ('phase', 'component', 'phase_primitive'):
+        print('\n' + op_profile.table(r['profile'], key))
   return records
 
 

@@ -134,6 +134,21 @@ def test_tables(records):
   assert len(benchmark.table(rs).splitlines()) == 1 + len(rs)
 
 
+def test_profile_breakdown_of_the_train_step(tmp_path):
+  r = benchmark.run(MODEL, batch=BATCH, mode='train', iters=1, repeats=1, warmup=1,
+                    profile_dir=str(tmp_path), **KW)
+  b = r['profile']
+  assert json.loads(json.dumps(b)) == b
+  assert b['devices'] == 8 and b['steps'] == 1 and b['total_us'] > 0
+  assert b['phase']['forward'] > 0 and b['phase']['backward'] > 0
+  # the time lands on the model's own modules: the backbone and the decoder blocks
+  assert b['component']['encoder'] > 0
+  assert any(c.startswith('block') and t > 0 for c, t in b['component'].items())
+  assert b['hlo']['convolution'] > 0
+  for key in ('phase', 'component', 'hlo'):
+    assert sum(b[key].values()) == pytest.approx(b['total_us'])
+
+
 def test_cli_rejects_unknown_names(capsys):
   with pytest.raises(SystemExit):
     benchmark.main(['--models=refinenet_tiny,no_such_model'])

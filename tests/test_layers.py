@@ -1,11 +1,12 @@
 """Defining properties of the decoder building blocks, each against an independent reference."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
-from refinenet_jax.models.layers import (ChainedResidualPool, RCUStack, RefineBlock,
+from refinenet_jax.models.layers import (ChainedResidualPool, RCUStack, RefineBlock, max_pool,
                                          max_pool_same, resize_bilinear)
 
 
@@ -49,6 +50,51 @@ def test_max_pool_pads_with_minus_infinity():
   y = max_pool_same(x, 5)
   assert float(y.max()) < 0
   assert float(y[0, 0, 0, 0]) == -1.0  # window clipped to the image, as MatConvNet/PyTorch
+
+
+@pytest.mark.parametrize('window,strides,padding', [
+    ((5, 5), (1, 1), ((2, 2), (2, 2))),  # CRP
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet stem
+    ((2, 2), (2, 2), ((0, 1), (0, 1))),  # FCN's ceil-rounded pool on odd sizes
+])
+def test_separable_max_pool_matches_2d_pool_and_its_gradient_at_ties(window, strides, padding):
+  # Integer inputs in 0..3 tie in nearly every window, so a different choice among tied maxima
+  # would move whole upstream gradients (differences of order 1, not rounding).
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 4, (2, 13, 11, 3)), jnp.float32)
+  ref_fn = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
+  new_fn = lambda x: max_pool(x, window, strides, padding)
+  y = new_fn(x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_fn(x)))
+  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  grad = lambda f: np.asarray(jax.vjp(f, x)[1](dy)[0])
+  np.testing.assert_allclose(grad(new_fn), grad(ref_fn), atol=1e-6)
+  assert np.count_nonzero(grad(new_fn)) < x.size  # one winner per window, not shared
+
+
+def test_grouped_conv_per_group_on_cpu_matches_one_grouped_conv(monkeypatch):
+  from refinenet_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 9, 7, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 3, 2, 12)), jnp.float32)  # 4 groups: 2 in, 3 out each
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def run():
+    def f(x, w):  # a new function each time: jit must trace it again
+      y = layers.grouped_conv_general_dilated(x, w, (2, 1), ((2, 2), (2, 2)),
+                                              rhs_dilation=(2, 2), dimension_numbers=dn,
+                                              feature_group_count=4)
+      return jnp.sum(jnp.sin(y))
+    hlo = jax.jit(f).lower(x, w).as_text()
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w), hlo
+
+  (split_val, split_grads), split_hlo = run()
+  monkeypatch.setattr(layers, 'SPLIT_GROUPED_CONV_BACKENDS', ())
+  (val, grads), hlo = run()
+  assert 'feature_group_count = 4' in hlo and 'feature_group_count = 4' not in split_hlo
+  np.testing.assert_allclose(split_val, val, rtol=1e-6)
+  for a, b in zip(split_grads, grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def _conv_nhwc(x, kernel):

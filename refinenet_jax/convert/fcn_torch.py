@@ -18,7 +18,6 @@ otherwise :class:`CheckpointMismatchError` names the keys and nothing is returne
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 import jax
@@ -26,9 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from refinenet_jax.convert.refinenet_torch import (CheckpointMismatchError, Layout,
-                                                  unwrap_state_dict)
-from refinenet_jax.convert.torch_io import load_torch_checkpoint
+from refinenet_jax.convert.refinenet_torch import Layout, strict_import
 from refinenet_jax.models import fcn
 
 LAYOUTS = {
@@ -120,54 +117,15 @@ def import_state_dict(model, state_dict: Mapping[str, np.ndarray] | Any,
   lay = LAYOUTS[layout]
   if not isinstance(model, fcn.FCN):
     raise TypeError(f'{layout} weights are for FCN-VGG models, got {type(model).__name__}')
-  if model.normalization != lay.normalization:
-    raise ValueError(f'{layout} weights expect {lay.normalization!r} input normalisation but the '
-                     f'model is configured with {model.normalization!r}')
-  if not isinstance(state_dict, Mapping):
-    state_dict = load_torch_checkpoint(state_dict)
-  sd = unwrap_state_dict(state_dict)
-
-  flat = traverse_util.flatten_dict(dict(init_variables or _abstract(model)))
-  keys = _key_map(model, lay, flat)
-  frozen = _frozen_upscores(model, lay)
-  discard = [re.compile(p) for p in lay.discard]
-  expected = {k: p for p, (k, _, _) in keys.items()}
-  missing = sorted(k for k in list(expected) + list(frozen) if k not in sd)
-  unexpected = sorted(k for k in sd if k not in expected and k not in frozen
-                      and not any(p.fullmatch(k) for p in discard))
-  mismatched, out = [], {}
-  for path, tgt in flat.items():
-    if path not in keys:
-      if lay.whole_model:
-        missing.append(f'(no {layout} source for model variable) {"/".join(path)}')
-      else:
-        out[path] = fcn.head_init(path, tgt.shape, tgt.dtype)
-      continue
-    key, to_flax, _ = keys[path]
-    if key not in sd:
-      continue
-    src = np.asarray(sd[key])
-    try:
-      val = to_flax(src, tgt.shape)
-    except ValueError:  # wrong rank or size: reported as a mismatch below
-      val = src
-    if tuple(val.shape) != tuple(tgt.shape) or not np.issubdtype(src.dtype, np.floating):
-      mismatched.append(f'{key}: {tuple(src.shape)} {src.dtype} vs {"/".join(path)}: '
-                        f'{tuple(tgt.shape)}')
-      continue
-    out[path] = np.asarray(val, dtype=tgt.dtype)
-  for key, want in frozen.items():
-    if key not in sd:
-      continue
-    src = np.asarray(sd[key])
-    if src.shape != want.shape:
-      mismatched.append(f'{key}: {src.shape} vs the bilinear filter {want.shape}')
-    elif not np.allclose(src, want, rtol=0, atol=1e-6):
-      mismatched.append(f'{key}: not the bilinear filter this model keeps frozen (learned '
-                        'upsampling? set learned_upsampling=True for the intermediate 2x layers)')
-  if missing or unexpected or mismatched:
-    raise CheckpointMismatchError(missing, unexpected, mismatched, f' ({layout} layout)')
-  return traverse_util.unflatten_dict(out)
+  variables = init_variables or _abstract(model)
+  keys = _key_map(model, lay, traverse_util.flatten_dict(dict(variables)))
+  hint = ('not the bilinear filter this model keeps frozen (learned upsampling? set '
+          'learned_upsampling=True for the intermediate 2x layers)')
+  return strict_import(
+      model, state_dict, lay, lambda path: keys[path][0] if path in keys else None,
+      init_variables=variables, to_flax=lambda path, src, shape: keys[path][1](src, shape),
+      fill_unmapped=fcn.head_init,
+      constants={k: (v, hint) for k, v in _frozen_upscores(model, lay).items()})
 
 
 def export_state_dict(variables, model, layout: str = 'wkentaro_fcn') -> dict[str, np.ndarray]:

@@ -165,11 +165,16 @@ def import_state_dict(model, state_dict: Mapping[str, np.ndarray] | Any, layout:
 
 
 def strict_import(model, state_dict, lay: Layout, key_for, *, init_variables=None, rng=None,
-                  input_shape=(1, 64, 64, 3)):
+                  input_shape=(1, 64, 64, 3), to_flax=None, fill_unmapped=None, constants=None):
   """:func:`import_state_dict` for any layout: ``key_for(flax path) -> torch key | None``.
 
   Without ``init_variables``, whole-model layouts only trace the model (every leaf comes from
-  the checkpoint); encoder-only layouts initialise it for real with ``rng``.
+  the checkpoint); encoder-only layouts initialise it for real with ``rng``. Hooks for layouts
+  whose tensors need more than the OIHW -> HWIO transpose:
+  ``to_flax(path, array, target shape)`` converts one tensor (a ValueError is a mismatch);
+  ``fill_unmapped(path, shape, dtype)`` fills what an encoder-only layout does not provide (else
+  the initial value stays); ``constants`` maps torch keys to ``(array, hint)`` that the checkpoint
+  must hold unchanged: they are checked, not imported (FCN's frozen bilinear filters).
   """
   layout = lay.name
   if getattr(model, 'normalization', lay.normalization) != lay.normalization:
@@ -178,6 +183,8 @@ def strict_import(model, state_dict, lay: Layout, key_for, *, init_variables=Non
   if not isinstance(state_dict, Mapping):
     state_dict = load_torch_checkpoint(state_dict)
   sd = unwrap_state_dict(state_dict)
+  to_flax = to_flax or (lambda path, src, shape: _to_flax(src))
+  constants = constants or {}
 
   x = jnp.zeros(input_shape, jnp.float32)
   if init_variables is None:
@@ -189,34 +196,48 @@ def strict_import(model, state_dict, lay: Layout, key_for, *, init_variables=Non
 
   expected = {}  # torch key -> list of flax paths (2-scale models share one source encoder)
   unmapped = []
+  out = dict(flat)
   for path in flat:
     key = key_for(path)
     if key is None:
       if lay.whole_model:
         unmapped.append('/'.join(path))
+      elif fill_unmapped is not None:
+        out[path] = fill_unmapped(path, flat[path].shape, flat[path].dtype)
       continue
     expected.setdefault(key, []).append(path)
 
   used_bn = {k.rsplit('.', 1)[0] for k in expected}
   discard = [re.compile(p) for p in lay.discard]
-  missing = sorted(k for k in expected if k not in sd)
+  missing = sorted(k for k in list(expected) + list(constants) if k not in sd)
   unexpected = sorted(
-      k for k in sd if k not in expected
+      k for k in sd if k not in expected and k not in constants
       and not (k.endswith('.num_batches_tracked') and k.rsplit('.', 1)[0] in used_bn)
       and not any(p.fullmatch(k) for p in discard))
-  mismatched, out = [], dict(flat)
+  mismatched = []
   for key, paths in expected.items():
     if key not in sd:
       continue
     src = np.asarray(sd[key])
     for path in paths:
       tgt = flat[path]
-      val = _to_flax(src)
+      try:
+        val = to_flax(path, src, tgt.shape)
+      except ValueError:  # wrong rank or size: reported as a mismatch below
+        val = src
       if tuple(val.shape) != tuple(tgt.shape) or not np.issubdtype(src.dtype, np.floating):
         mismatched.append(f'{key}: {tuple(src.shape)} {src.dtype} vs {"/".join(path)}: '
                           f'{tuple(tgt.shape)}')
         continue
       out[path] = np.asarray(val, dtype=tgt.dtype)
+  for key, (want, hint) in constants.items():
+    if key not in sd:
+      continue
+    src = np.asarray(sd[key])
+    if src.shape != want.shape:
+      mismatched.append(f'{key}: {src.shape} vs the constant {want.shape} it must be')
+    elif not np.allclose(src, want, rtol=0, atol=1e-6):
+      mismatched.append(f'{key}: {hint}')
   missing += [f'(no {layout} source for model variable) {p}' for p in unmapped]
   if missing or unexpected or mismatched:
     raise CheckpointMismatchError(missing, unexpected, mismatched, f' ({layout} layout)')

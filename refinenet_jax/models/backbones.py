@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from refinenet_jax.models.layers import conv
+from refinenet_jax.models.layers import conv, grouped_conv_general_dilated, max_pool
 
 Dtype = Any
 
@@ -63,7 +63,8 @@ class Bottleneck(nn.Module):
     d = self.dilation
     y = nn.Conv(inner, (3, 3), strides=(s3, s3), padding=((d, d), (d, d)), kernel_dilation=(d, d),
                 feature_group_count=self.groups, use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name='conv2')(y)
+                param_dtype=jnp.float32, conv_general_dilated=grouped_conv_general_dilated,
+                name='conv2')(y)
     y = nn.relu(bn('bn2')(y))
     y = conv(self.width * 4, 1, use_bias=False, name='conv3', dtype=self.dtype)(y)
     y = bn('bn3')(y)
@@ -104,7 +105,7 @@ class ResNet(nn.Module):
     use_ra = (not train) or self.freeze_bn
     x = conv(self.base_width, 7, stride=2, use_bias=False, name='conv1', dtype=self.dtype)(x)
     x = nn.relu(_bn('bn1', use_ra, self.dtype, self.bn_momentum)(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
     dilated_stages = {32: 0, 16: 1, 8: 2}[self.output_stride]
     in_features, dilation, feats = self.base_width, 1, []

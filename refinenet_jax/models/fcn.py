@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from refinenet_jax.models.layers import max_pool
 
 Dtype = Any
 
@@ -103,7 +104,7 @@ def learned_deconv(features: int, kernel: int, stride: int, dtype: Dtype = jnp.f
 
 def max_pool_ceil(x):
   """2x2/2 max pool with Caffe's ceil rounding: an odd last row/column is pooled alone."""
-  return nn.max_pool(x, (2, 2), (2, 2), padding=((0, x.shape[1] % 2), (0, x.shape[2] % 2)))
+  return max_pool(x, (2, 2), (2, 2), ((0, x.shape[1] % 2), (0, x.shape[2] % 2)))
 
 
 def _crop(x, offset: int, size):

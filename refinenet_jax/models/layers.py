@@ -9,7 +9,9 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 Dtype = Any
@@ -54,10 +56,29 @@ def resize_bilinear(x: jnp.ndarray, size: Sequence[int], mode: str = 'align_corn
   return jnp.einsum('pw,nowc->nopc', mw, x, precision=precision)
 
 
+def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
+             padding: Sequence[tuple[int, int]]) -> jnp.ndarray:
+  """NHWC max pool with -inf padding; overlapping windows as a pass along W, then one along H.
+
+  Max is separable, so the values are exactly those of one 2-D window, and pooling W first keeps
+  the gradient's choice among tied maxima: the first in row-major order, as ``nn.max_pool`` and
+  PyTorch pick. On XLA:CPU the CRP's 5x5 stride-1 pool runs 3x faster this way, 2.4x with its
+  gradient (BENCHMARKS.md section 4). Non-overlapping windows (stride >= window, FCN's
+  2x2/2) gain nothing from it and stay one 2-D window.
+  """
+  def reduce(x, dims, strd, pad):
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *dims, 1), (1, *strd, 1),
+                             ((0, 0), *pad, (0, 0)))
+  if all(s >= w for s, w in zip(strides, window)):
+    return reduce(x, window, strides, padding)
+  x = reduce(x, (1, window[1]), (1, strides[1]), ((0, 0), padding[1]))
+  return reduce(x, (window[0], 1), (strides[0], 1), (padding[0], (0, 0)))
+
+
 def max_pool_same(x: jnp.ndarray, window: int) -> jnp.ndarray:
   """Stride-1 max pool with -inf padding (PyTorch ``MaxPool2d(k, 1, k // 2)``)."""
   p = window // 2
-  return nn.max_pool(x, (window, window), strides=(1, 1), padding=((p, p), (p, p)))
+  return max_pool(x, (window, window), (1, 1), ((p, p), (p, p)))
 
 
 DECODER_INITS = {
@@ -73,6 +94,28 @@ def decoder_init(name: str):
   if name not in DECODER_INITS:
     raise ValueError(f'unknown decoder_init {name!r}; known: {sorted(DECODER_INITS)}')
   return DECODER_INITS[name]
+
+
+# Backends on which grouped convolutions run as one convolution per group. XLA:CPU lowers a
+# grouped convolution's weight gradient ~90x slower than the per-group convolutions (ResNeXt's
+# 32-group 3x3 at 1/4 resolution: 12.1 s vs 0.13 s), its forward ~6x (BENCHMARKS.md section 4);
+# GPUs and TPUs have native grouped kernels, so they keep one grouped convolution.
+SPLIT_GROUPED_CONV_BACKENDS = ('cpu',)
+
+
+def grouped_conv_general_dilated(lhs, rhs, window_strides, padding, *, dimension_numbers=None,
+                                 feature_group_count: int = 1, **kwargs):
+  """``lax.conv_general_dilated`` (flax ``nn.Conv``'s ``conv_general_dilated`` hook) that runs a
+  grouped convolution as one per group on SPLIT_GROUPED_CONV_BACKENDS: the same parameters and
+  the same arithmetic per output, only a different lowering."""
+  run = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                          padding=padding, dimension_numbers=dimension_numbers, **kwargs)
+  g = feature_group_count
+  if g == 1 or jax.default_backend() not in SPLIT_GROUPED_CONV_BACKENDS:
+    return run(lhs, rhs, feature_group_count=g)
+  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  parts = zip(jnp.split(lhs, g, axis=dn.lhs_spec[1]), jnp.split(rhs, g, axis=dn.rhs_spec[0]))
+  return jnp.concatenate([run(x, w) for x, w in parts], axis=dn.out_spec[1])
 
 
 def conv(features: int, kernel: int, *, use_bias: bool, name: str, dtype: Dtype,

@@ -1,0 +1,119 @@
+"""Times the two operations that dominate the RefineNet train step on XLA:CPU, in isolation.
+
+  python experiments/microbench_ops.py [--size=128] [--channels=256] [--iters=5]
+
+At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input):
+- the chained residual pooling's 5x5 stride-1 max pool, forward and forward + gradient, as one
+  2-D window (``flax.linen.max_pool``) and as the library's W-then-H pair of 1-D windows
+  (``layers.max_pool``), with the largest gradient difference on tie-heavy inputs (0 = the same
+  choice among tied maxima);
+- a 3x3 same-padding convolution: forward, input gradient, weight gradient as XLA lowers it, and
+  the weight gradient written as nine matmuls over shifted inputs (a custom-VJP candidate that
+  was measured and not adopted, BENCHMARKS.md section 4);
+- ResNeXt's 32-group 3x3 convolution as one grouped convolution and as the library's one
+  convolution per group (``layers.grouped_conv_general_dilated`` on CPU): forward, input and
+  weight gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from refinenet_jax.models import layers  # noqa: E402
+
+
+def timed(fn, *args, iters: int = 5) -> float:
+  """Median milliseconds of the jitted fn after one warm-up call."""
+  fn = jax.jit(fn)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(times)
+
+
+def _conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _wgrad_matmuls(x, dy):
+  h, w = dy.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.stack([jnp.stack([jnp.einsum('nhwi,nhwo->io', xp[:, i:i + h, j:j + w], dy)
+                               for j in range(3)]) for i in range(3)])
+
+
+def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float]:
+  shape = (1, size, size, channels)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  w = jnp.asarray(0.02 * rng.standard_normal((3, 3, channels, channels)), jnp.float32)
+  ties = jnp.asarray(rng.integers(0, 4, shape), jnp.float32)
+  pools = {'2-D window': lambda v: nn.max_pool(v, (5, 5), padding=((2, 2), (2, 2))),
+           'W then H': lambda v: layers.max_pool_same(v, 5)}
+  out = {}
+  grads = {}
+  for name, pool in pools.items():
+    grad = lambda v, pool=pool: jax.vjp(pool, v)[1](dy)[0]
+    out[f'max pool 5x5, {name}: forward ms'] = timed(pool, x, iters=iters)
+    out[f'max pool 5x5, {name}: forward + gradient ms'] = timed(grad, x, iters=iters)
+    grads[name] = np.asarray(jax.jit(grad)(ties))
+  out['max pool: largest gradient difference at ties'] = float(
+      np.abs(grads['2-D window'] - grads['W then H']).max())
+  wgrad = lambda x, w, dy: jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0]
+  out['conv 3x3: forward ms'] = timed(_conv, x, w, iters=iters)
+  out['conv 3x3: input gradient ms'] = timed(
+      lambda x, w, dy: jax.vjp(lambda x: _conv(x, w), x)[1](dy)[0], x, w, dy, iters=iters)
+  out['conv 3x3: weight gradient (XLA) ms'] = timed(wgrad, x, w, dy, iters=iters)
+  out['conv 3x3: weight gradient (9 matmuls) ms'] = timed(_wgrad_matmuls, x, dy, iters=iters)
+  ref = np.asarray(jax.jit(wgrad)(x, w, dy))
+  out['conv 3x3: 9-matmul weight gradient, relative difference'] = float(
+      np.abs(np.asarray(jax.jit(_wgrad_matmuls)(x, dy)) - ref).max() / np.abs(ref).max())
+  groups = min(32, channels)
+  wg = jnp.asarray(0.02 * rng.standard_normal((3, 3, channels // groups, channels)), jnp.float32)
+  saved = layers.SPLIT_GROUPED_CONV_BACKENDS
+  for name, backends in (('one grouped conv', ()), ('one conv per group', ('cpu',))):
+    layers.SPLIT_GROUPED_CONV_BACKENDS = backends
+
+    def gconv(x, w):  # a new function per setting: jit traces it again
+      return layers.grouped_conv_general_dilated(
+          x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=groups)
+    key = f'conv 3x3, {groups} groups, {name}'
+    out[f'{key}: forward ms'] = timed(gconv, x, wg, iters=iters)
+    out[f'{key}: input gradient ms'] = timed(
+        lambda x, w, dy: jax.vjp(lambda x: gconv(x, w), x)[1](dy)[0], x, wg, dy, iters=iters)
+    out[f'{key}: weight gradient ms'] = timed(
+        lambda x, w, dy: jax.vjp(lambda w: gconv(x, w), w)[1](dy)[0], x, wg, dy, iters=iters)
+  layers.SPLIT_GROUPED_CONV_BACKENDS = saved
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--size', type=int, default=128)
+  p.add_argument('--channels', type=int, default=256)
+  p.add_argument('--iters', type=int, default=3)
+  a = p.parse_args(argv)
+  print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
+        f'1x{a.size}x{a.size}x{a.channels} float32')
+  for k, v in run(a.size, a.channels, a.iters).items():
+    print(f'{k:<60s} {v:.4g}')
+
+
+if __name__ == '__main__':
+  main()

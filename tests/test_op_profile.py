@@ -1,0 +1,126 @@
+"""experiments/op_profile.py (a profiler trace joined to the HLO metadata) and
+experiments/microbench_ops.py."""
+import gzip
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
+import op_profile  # noqa: E402
+
+HLO = '''HloModule jit_train_step
+
+%fused_computation.1 (param_0: f32[1,4,4,8]) -> f32[1,4,4,8] {
+  %param_0 = f32[1,4,4,8]{3,2,1,0} parameter(0)
+  ROOT %maximum.1 = f32[1,4,4,8]{3,2,1,0} maximum(%param_0, %param_0), metadata={op_name="jit(train_step)/jvp(Net)/encoder/max" stack_frame_id=1}
+}
+
+%fused_computation.2 (param_0.1: f32[1,4,4,2], param_1.1: f32[1,1,2,3]) -> f32[1,4,4,3] {
+  %param_0.1 = f32[1,4,4,2]{3,2,1,0} parameter(0)
+  %param_1.1 = f32[1,1,2,3]{3,2,1,0} parameter(1)
+  ROOT %convolution.2 = f32[1,4,4,3]{3,2,1,0} convolution(%param_0.1, %param_1.1), window={size=1x1}, dim_labels=b01f_01io->b01f
+}
+
+ENTRY %main.9 (Arg_0.1: f32[1,4,4,2], w.1: f32[3,3,2,8]) -> f32[1,4,4,8] {
+  %Arg_0.1 = f32[1,4,4,2]{3,2,1,0} parameter(0), metadata={op_name="state.params['x']"}
+  %w.1 = f32[3,3,2,8]{3,2,1,0} parameter(1), metadata={op_name="state.params['w']"}
+  %conv.1 = f32[1,4,4,8]{3,2,1,0} convolution(%Arg_0.1, %w.1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/jvp(Net)/block1/conv_general_dilated" stack_frame_id=2}
+  %fusion.1 = f32[1,4,4,8]{3,2,1,0} fusion(%conv.1), kind=kLoop, calls=%fused_computation.1
+  %fusion.2 = f32[1,4,4,3]{3,2,1,0} fusion(%Arg_0.1, %w.1), kind=kOutput, calls=%fused_computation.2, metadata={op_name="jit(train_step)/jvp(Net)/encoder/conv_general_dilated"}
+  %grad.1 = f32[1,4,4,8]{3,2,1,0} select(%fusion.1, %conv.1, %conv.1), metadata={op_name="jit(train_step)/transpose(jvp(Net))/block1/select_n"}
+  %copy.1 = f32[2,4,4,1]{3,2,1,0} copy(%Arg_0.1)
+  %convolution.7 = f32[2,3,3,8]{3,2,1,0} convolution(%copy.1, %grad.1), window={size=4x4 pad=1_1x1_1}, dim_labels=b01f_i01o->b01f
+  ROOT %add.1 = f32[1,4,4,8]{3,2,1,0} add(%grad.1, %grad.1), metadata={op_name="jit(train_step)/add"}
+}
+'''
+# 3x3 conv 2 -> 8 channels on 4x4: 2 x 128 outputs x 18 = 4608 FLOPs, its weight gradient the
+# same; the fused 1x1 conv 2 -> 3: 2 x 48 x 2 = 192
+CONV_FLOPS = {'conv.1': 4608.0, 'convolution.7': 4608.0, 'fusion.2': 192.0}
+
+# per step and device (us)
+DURATIONS = {'conv.1': 10.0, 'fusion.1': 4.0, 'fusion.2': 3.0, 'grad.1': 2.0, 'copy.1': 1.0,
+             'convolution.7': 8.0, 'add.1': 5.0}
+
+
+def _write_trace(tmp_path, steps=2, devices=2):
+  events = [{'ph': 'M', 'pid': 1, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+            {'ph': 'X', 'pid': 1, 'name': 'PjitFunction', 'dur': 1e6, 'args': {}}]
+  for d in range(devices):
+    for _ in range(steps):
+      for op, us in DURATIONS.items():
+        events.append({'ph': 'X', 'pid': 1, 'name': op, 'dur': us,
+                       'args': {'hlo_op': op, 'hlo_module': 'jit_train_step',
+                                'device_ordinal': str(d)}})
+  events.append({'ph': 'X', 'pid': 1, 'name': 'x', 'dur': 99.0,  # another program: not counted
+                 'args': {'hlo_op': 'conv.1', 'hlo_module': 'other_module'}})
+  run = tmp_path / 'plugins' / 'profile' / 'run1'
+  run.mkdir(parents=True)
+  with gzip.open(run / 'host.trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+
+
+def test_instructions_take_fusion_roots_and_backward_operands():
+  ins = op_profile.hlo_instructions(HLO)
+  assert ins['conv.1'] == ('convolution', 'jit(train_step)/jvp(Net)/block1/conv_general_dilated',
+                           False, 4608.0)
+  # a fusion without metadata: its root's opcode and op_name
+  assert ins['fusion.1'] == ('maximum', 'jit(train_step)/jvp(Net)/encoder/max', False, 0.0)
+  # a fusion with metadata keeps it, and counts the convolution inside it
+  assert ins['fusion.2'] == ('convolution',
+                             'jit(train_step)/jvp(Net)/encoder/conv_general_dilated', False, 192.0)
+  # XLA-made: the backward operand wins over the unattributed one
+  assert ins['convolution.7'] == ('convolution',
+                                  'jit(train_step)/transpose(jvp(Net))/block1/select_n', True,
+                                  4608.0)
+  # parameter names are not op names: a copy of a parameter stays unattributed
+  assert ins['copy.1'] == ('copy', '', False, 0.0)
+
+
+def test_split_phases():
+  assert op_profile._split('jit(f)/transpose(jvp(Net))/block1/crp/conv', 2) == (
+      'backward', 'block1/crp', 'conv')
+  assert op_profile._split('jit(f)/jvp(Net)/encoder/layer1_0/add', 1) == (
+      'forward', 'encoder', 'add')
+  assert op_profile._split('jit(forward)/Net/classifier/dot_general', 1) == (
+      'forward', 'classifier', 'dot_general')
+  assert op_profile._split('jit(f)/optax/mul', 1) == ('other', 'optax', 'mul')
+
+
+def test_breakdown_per_step_and_device(tmp_path):
+  _write_trace(tmp_path)
+  b = op_profile.breakdown(HLO, str(tmp_path), steps=2)
+  assert (b['steps'], b['devices']) == (2, 2)
+  assert b['total_us'] == pytest.approx(sum(DURATIONS.values()))
+  assert b['phase'] == pytest.approx({'forward': 17.0, 'backward': 10.0, 'other': 5.0,
+                                      'unattributed': 1.0})
+  assert b['component'] == pytest.approx({'block1': 20.0, 'encoder': 7.0, '-': 6.0})
+  assert b['phase_primitive']['backward: convolution (XLA-made)'] == pytest.approx(8.0)
+  assert b['hlo'] == pytest.approx({'convolution': 21.0, 'maximum': 4.0, 'select': 2.0,
+                                    'copy': 1.0, 'add': 5.0})
+  for key in ('phase', 'component', 'primitive', 'hlo', 'phase_primitive'):
+    assert sum(b[key].values()) == pytest.approx(b['total_us'])
+  assert b['conv_flops_by_phase'] == pytest.approx({'forward': 4800.0, 'backward': 4608.0})
+  assert b['conv_flops_by_component'] == pytest.approx({'block1': 9216.0, 'encoder': 192.0})
+  rows = op_profile.table(b, 'component', top=1).splitlines()
+  assert rows[0] == '| component | ms/step | time share | conv GFLOP | FLOP share | GFLOP/s |'
+  assert rows[2].startswith('| block1 | 0.0 | 60.6% | 0.0 | 98.0% |')
+  assert rows[3].startswith('| (other 2) | 0.0 | 39.4% | 0.0 | 2.0% |')
+  assert op_profile.table(b, 'hlo').splitlines()[0] == '| hlo | ms/step | time share |'
+
+
+def test_breakdown_needs_a_trace(tmp_path):
+  with pytest.raises(FileNotFoundError, match='trace.json.gz'):
+    op_profile.breakdown(HLO, str(tmp_path))
+
+
+def test_microbench_ops_small():
+  import microbench_ops
+  out = microbench_ops.run(size=16, channels=4, iters=1)
+  assert all(v > 0 for k, v in out.items() if k.endswith(' ms'))
+  # the library's separable pool picks the same tied maximum as the 2-D window
+  assert out['max pool: largest gradient difference at ties'] < 1e-5
+  assert out['conv 3x3: 9-matmul weight gradient, relative difference'] < 1e-5
+  assert out['conv 3x3, 4 groups, one conv per group: weight gradient ms'] > 0
+  assert microbench_ops.layers.SPLIT_GROUPED_CONV_BACKENDS == ('cpu',)  # restored
