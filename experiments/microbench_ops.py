@@ -86,20 +86,22 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
   groups = min(32, channels)
   wg = jnp.asarray(0.02 * rng.standard_normal((3, 3, channels // groups, channels)), jnp.float32)
   saved = layers.SPLIT_GROUPED_CONV_BACKENDS
-  for name, backends in (('one grouped conv', ()), ('one conv per group', ('cpu',))):
-    layers.SPLIT_GROUPED_CONV_BACKENDS = backends
+  try:
+    for name, backends in (('one grouped conv', ()), ('one conv per group', ('cpu',))):
+      layers.SPLIT_GROUPED_CONV_BACKENDS = backends
 
-    def gconv(x, w):  # a new function per setting: jit traces it again
-      return layers.grouped_conv_general_dilated(
-          x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=groups)
-    key = f'conv 3x3, {groups} groups, {name}'
-    out[f'{key}: forward ms'] = timed(gconv, x, wg, iters=iters)
-    out[f'{key}: input gradient ms'] = timed(
-        lambda x, w, dy: jax.vjp(lambda x: gconv(x, w), x)[1](dy)[0], x, wg, dy, iters=iters)
-    out[f'{key}: weight gradient ms'] = timed(
-        lambda x, w, dy: jax.vjp(lambda w: gconv(x, w), w)[1](dy)[0], x, wg, dy, iters=iters)
-  layers.SPLIT_GROUPED_CONV_BACKENDS = saved
+      def gconv(x, w):  # a new function per setting: jit traces it again
+        return layers.grouped_conv_general_dilated(
+            x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+            feature_group_count=groups)
+      key = f'conv 3x3, {groups} groups, {name}'
+      out[f'{key}: forward ms'] = timed(gconv, x, wg, iters=iters)
+      out[f'{key}: input gradient ms'] = timed(
+          lambda x, w, dy: jax.vjp(lambda x: gconv(x, w), x)[1](dy)[0], x, wg, dy, iters=iters)
+      out[f'{key}: weight gradient ms'] = timed(
+          lambda x, w, dy: jax.vjp(lambda w: gconv(x, w), w)[1](dy)[0], x, wg, dy, iters=iters)
+  finally:
+    layers.SPLIT_GROUPED_CONV_BACKENDS = saved
   return out
 
 

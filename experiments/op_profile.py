@@ -16,6 +16,7 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
 import re
 
@@ -24,7 +25,7 @@ _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$')
 _OPERAND = re.compile(r'%([\w.\-]+)')
 _SHAPE = re.compile(r'^[a-z]\w*\[([\d,]*)\]')
 _DIM_LABELS = re.compile(r'dim_labels=(\w+)_(\w+)->(\w+)')
-_BATCH_GROUPS = re.compile(r'batch_group_count=(\d+)')
+_LHS_DILATE = re.compile(r'lhs_dilate=([\dx]+)')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
 _OP_NAME = re.compile(r'metadata=\{[^}]*op_name="([^"]*)"')
 
@@ -35,20 +36,20 @@ def _dims(type_text: str):
 
 
 def _conv_flops(line: str, out_dims, operand_dims) -> float:
-  """2 x output elements x kernel window x input features per group (dense windows)."""
+  """2 x output elements x the kernel taps that meet input (window x input features per group).
+
+  Windows are counted dense, padding included. A window over a dilated input (``lhs_dilate``,
+  how XLA:CPU rewrites a grouped convolution's weight gradient) meets input at one tap in
+  ``dilation`` per dimension, so those taps are divided out.
+  """
   labels = _DIM_LABELS.search(line)
   if not labels or out_dims is None or len(operand_dims) < 2 or operand_dims[1] is None:
     return 0.0
-  rhs_labels, rhs = labels.group(2), operand_dims[1]
-  per_output = 1
-  for label, size in zip(rhs_labels, rhs):
-    if label != 'o':  # spatial window and input features ('i' is already per group)
-      per_output *= size
-  out = 1
-  for size in out_dims:
-    out *= size
-  batch_groups = _BATCH_GROUPS.search(line)
-  return 2.0 * out * per_output / (int(batch_groups.group(1)) if batch_groups else 1)
+  taps = math.prod(size for label, size in zip(labels.group(2), operand_dims[1]) if label != 'o')
+  dilation = _LHS_DILATE.search(line)
+  if dilation:
+    taps /= math.prod(int(d) for d in dilation.group(1).split('x'))
+  return 2.0 * math.prod(out_dims) * taps
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, tuple[str, str, bool, float]]:

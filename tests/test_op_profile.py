@@ -78,6 +78,25 @@ def test_instructions_take_fusion_roots_and_backward_operands():
   assert ins['copy.1'] == ('copy', '', False, 0.0)
 
 
+def test_conv_flops_of_compiled_grouped_convolution_and_its_gradients():
+  # XLA:CPU rewrites a grouped convolution's weight gradient as a convolution over a dilated
+  # input; its count must still be the forward's (forward, input and weight gradients each do
+  # one multiply-add per output element and kernel tap).
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+  x, w = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 4, 32))
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                               feature_group_count=8)
+  dense = 2.0 * (2 * 16 * 16 * 32) * (3 * 3 * 4)
+  for f in (conv, lambda x, w: jax.vjp(lambda w: conv(x, w), w)[1](x)[0],
+            lambda x, w: jax.vjp(lambda x: conv(x, w), x)[1](x)[0]):
+    ins = op_profile.hlo_instructions(jax.jit(f).lower(x, w).compile().as_text())
+    # the convolution (and a fusion wrapping it, which carries the same count)
+    assert max(v[3] for v in ins.values()) == pytest.approx(dense)
+
+
 def test_split_phases():
   assert op_profile._split('jit(f)/transpose(jvp(Net))/block1/crp/conv', 2) == (
       'backward', 'block1/crp', 'conv')
