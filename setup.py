@@ -1,10 +1,12 @@
+import pathlib
+
 from setuptools import find_packages, setup
 
 setup(
     name='refinenet_jax',
     version='0.1.0',
     description='RefineNet, FCN and ExFuse semantic segmentation in JAX/Flax',
-    long_description=open('README.md').read(),
+    long_description=(pathlib.Path(__file__).parent / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['refinenet_jax', 'refinenet_jax.*', 'configs']),
     python_requires='>=3.11',
@@ -31,6 +33,8 @@ setup(
         # nbclient/nbformat/ipykernel execute the Colab notebook in a test; matplotlib draws
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
                  'ipykernel>=6.29', 'matplotlib>=3.8'],
+        # libtpu, paired with the installed jax: compiles for TPU topologies on any host (dry run)
+        'tpu': ['jax[tpu]'],
         # Only for regenerating parity fixtures / side-by-side benchmarks; never needed to run.
         'torch': ['torch>=2.3'],
     },

@@ -50,63 +50,25 @@ sys.path[:0] = [os.path.join(HERE, '..'), HERE]
 import op_profile  # noqa: E402
 import torch_reference  # noqa: E402  (importable without torch)
 from configs import default  # noqa: E402
-from refinenet_jax import list_models, optim, sharding, steps, train  # noqa: E402
+from refinenet_jax import (hardware, list_models, optim, sharding, steps, train,  # noqa: E402
+                           xla_stats)
 
 MODES = ('inference', 'train')
 PARALLEL = ('jit', 'shard_map')
 DTYPES = ('float32', 'bfloat16')
 IGNORE_LABEL = 255
 
-# Dense peak FLOP/s per device, first substring of ``device.device_kind`` that matches wins.
-# float32 on NVIDIA is the TF32 tensor-core rate: XLA runs float32 convolutions and matmuls in
-# TF32 at JAX's default precision. float32 on TPU runs as bf16 passes at the default precision,
-# so its peak is the bf16 one. CPUs have no entry: pass --peak_flops.
-PEAK_FLOPS = (
-    # NVIDIA H200 datasheet: BF16 1,979 / TF32 989 TFLOPS with 2:4 sparsity; half that dense.
-    ('H200', {'bfloat16': 989e12, 'float32': 494.5e12}),
-    # NVIDIA H100 datasheet, PCIe card: BF16 1,513 / TF32 756 TFLOPS sparse; half dense.
-    ('H100 PCIe', {'bfloat16': 756.5e12, 'float32': 378e12}),
-    # NVIDIA H100 datasheet, SXM5: BF16 1,979 / TF32 989 TFLOPS sparse; half dense.
-    ('H100', {'bfloat16': 989e12, 'float32': 494.5e12}),
-    # NVIDIA A100 datasheet: BF16 312 / TF32 156 TFLOPS dense.
-    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
-    # Cloud TPU system-architecture pages, peak bf16 compute per chip.
-    ('TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
-    ('TPU v5 lite', {'bfloat16': 197e12, 'float32': 197e12}),  # v5e
-    ('TPU v5e', {'bfloat16': 197e12, 'float32': 197e12}),
-    ('TPU v5', {'bfloat16': 459e12, 'float32': 459e12}),  # v5p ('TPU v5' / 'TPU v5p')
-    ('TPU v6 lite', {'bfloat16': 918e12, 'float32': 918e12}),  # v6e (Trillium)
-)
-
-
 def peak_flops_per_device(device_kind: str, dtype: str):
-  """(peak FLOP/s, table key) for one device, or (None, None) when the kind is not listed."""
-  for key, peaks in PEAK_FLOPS:
-    if key.lower() in device_kind.lower():
-      return peaks[dtype], key
-  return None, None
-
-
-def step_flops(compiled) -> float | None:
-  """FLOPs of one call of the compiled (per-device, SPMD) program; None if XLA reports none.
-
-  ``cost_analysis()`` returned a list of per-module dicts in older jax and one dict now."""
-  analysis = compiled.cost_analysis()
-  entries = analysis if isinstance(analysis, (list, tuple)) else [analysis]
-  flops = sum(float(e.get('flops', 0.0)) for e in entries if e)
-  return flops if flops > 0 else None
+  """(peak FLOP/s, chip name) for one device from ``hardware.CHIPS``, or (None, None) (CPUs)."""
+  chip = hardware.chip_for(device_kind)
+  return (chip.peak_flops[dtype], chip.name) if chip else (None, None)
 
 
 def device_memory(compiled, devices) -> dict:
-  """Per-device bytes: XLA's static buffer assignment, and the allocator's peak when reported
-  (GPU/TPU; ``memory_stats()`` is None on CPU). The peak is the process's so far, init included."""
-  out = {}
-  stats = compiled.memory_analysis()
-  if stats is not None:
-    for field in ('argument', 'output', 'temp', 'alias', 'generated_code'):
-      out[f'{field}_bytes'] = int(getattr(stats, f'{field}_size_in_bytes', 0))
-    out['estimate_bytes'] = (out['argument_bytes'] + out['output_bytes'] + out['temp_bytes']
-                             - out['alias_bytes'])
+  """Per-device bytes: XLA's static buffer assignment (``xla_stats.memory``), and the
+  allocator's peak when reported (GPU/TPU; ``memory_stats()`` is None on CPU). The peak is the
+  process's so far, init included."""
+  out = xla_stats.memory(compiled)
   peaks = [(d.memory_stats() or {}).get('peak_bytes_in_use') for d in devices]
   peaks = [p for p in peaks if p is not None]
   out['peak_bytes_in_use'] = max(peaks) if peaks else None
@@ -249,11 +211,11 @@ def run(model_name: str, *, size=(512, 512), batch: int = 1, dtype: str = 'float
       raise FloatingPointError(f'{model_name}: non-finite loss {loss} while benchmarking')
 
   step_s = [t / iters for t in times]
-  per_device = step_flops(compiled)
+  per_device = xla_stats.cost(compiled)['flops']
   flops = per_device * s.mesh.size if per_device else None  # the program is per device (SPMD)
   device = s.mesh.devices.flat[0]
   peak, peak_key = peak_flops_per_device(device.device_kind, dtype)
-  peak_source = f'PEAK_FLOPS[{peak_key!r}]' if peak else None
+  peak_source = f'hardware.CHIPS[{peak_key!r}]' if peak else None
   if peak_flops:
     peak, peak_source = peak_flops, '--peak_flops'
   peak_total = peak * s.mesh.size if peak else None
@@ -343,7 +305,7 @@ def table_rows(records: list[dict]) -> list[list[str]]:
         f'{ips["median"]:.3g} [{ips["min"]:.3g}-{ips["max"]:.3g}]',
         _fmt(r['flops_per_image'], '.3g', 1e9), _fmt(r['achieved_flops_per_s'], '.3g', 1e12),
         'n/a' if r['mfu'] is None else f'{100 * r["mfu"]:.1f}%',
-        _fmt(mem.get('estimate_bytes'), '.0f', 2**20),
+        _fmt(mem.get('total_bytes'), '.0f', 2**20),
         _fmt(mem.get('peak_bytes_in_use'), '.0f', 2**20),
         f'{t["images_per_s"]["median"]:.3g}' if t else r.get('torch_note', 'n/a'),
         f'{ratio:.2f}x' if ratio else 'n/a'])
@@ -385,7 +347,7 @@ def main(argv=None):
   p.add_argument('--num_devices', type=int, default=-1, help='-1: every device')
   p.add_argument('--peak_flops', type=float, default=None,
                  help='peak FLOP/s of one device for MFU (needed on CPU, e.g. cores x GHz x '
-                      'FLOPs/cycle); overrides the PEAK_FLOPS table')
+                      'FLOPs/cycle); overrides refinenet_jax.hardware.CHIPS')
   p.add_argument('--profile_dir', default='',
                  help='also write a jax.profiler trace here and print where the time goes')
   p.add_argument('--out', default='', help='append the JSON records to this file')

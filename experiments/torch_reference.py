@@ -72,7 +72,8 @@ def resolve(name: str):
 def _commit(repo: str) -> str:
   marker = os.path.join(repo, 'COMMIT')  # trees exported without .git
   if os.path.exists(marker):
-    return open(marker).read().strip()
+    with open(marker) as f:
+      return f.read().strip()
   try:
     return subprocess.check_output(['git', '-C', repo, 'rev-parse', 'HEAD'], text=True,
                                    stderr=subprocess.DEVNULL).strip()

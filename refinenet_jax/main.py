@@ -7,19 +7,13 @@
 Multi-host: run the same command on every host; ``jax.distributed.initialize()`` picks up the
 cluster from the environment (TPU pods, SLURM) or from --coordinator/--num_processes/--process_id.
 """
-import os
-
 import jax
 import tensorflow_datasets as tfds
 from absl import app, flags
-from ml_collections import config_flags
 
-from refinenet_jax import train
+from refinenet_jax import config_flag, train
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               'configs', 'default.py')
-_CONFIG = config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'experiment config file',
-                                          lock_config=True)
+_CONFIG = config_flag.define('config', 'experiment config file')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs',
                                required=True)
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'what to run')
@@ -41,6 +35,8 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   tfds.disable_progress_bar()  # a bar per split and shard would bury the training log
   config = _CONFIG.value
+  if config is None:
+    raise app.UsageError(f'--config is required ({config_flag.DEFAULT_CONFIG} does not exist)')
   if jax.process_index() == 0:
     print(config)
   if _MODE.value == 'train':

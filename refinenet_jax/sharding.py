@@ -16,13 +16,22 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first ``num_devices`` (default: all) global devices."""
-  devices = jax.devices()
+def make_mesh(num_devices: int | None = None, devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh over the first ``num_devices`` (default: all) of ``devices``.
+
+  ``devices`` defaults to every global device; a foreign topology's devices
+  (``jax.experimental.topologies``) build the same mesh for ahead-of-time compilation.
+  """
+  devices = list(jax.devices() if devices is None else devices)
   n = len(devices) if num_devices in (None, 0, -1) else num_devices
   if not 1 <= n <= len(devices):
     raise ValueError(f'asked for {num_devices} devices; {len(devices)} are available')
   return jax.sharding.Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+
+
+def platform(mesh) -> str:
+  """The platform ('cpu', 'gpu', 'tpu') of the devices a program over ``mesh`` runs on."""
+  return mesh.devices.flat[0].platform
 
 
 def replicated(mesh) -> NamedSharding:
@@ -33,9 +42,32 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def check_batch_size(global_batch_size: int, mesh, what: str = 'batch size') -> None:
+def check_batch_size(global_batch_size: int, mesh, what: str = 'batch size',
+                     all_devices=None) -> None:
+  """The batch splits evenly over the devices, and every process feeds an equal share.
+
+  Each process's pipeline yields ``global_batch_size / process_count`` rows (``put_batch``),
+  so every process of the job (the owners of ``all_devices``, default ``jax.devices()``)
+  must own the same number of mesh devices.
+  """
   if global_batch_size % mesh.size:
     raise ValueError(f'{what} {global_batch_size} is not divisible by the {mesh.size} devices')
+  processes = {d.process_index for d in (jax.devices() if all_devices is None else all_devices)}
+  rows = process_rows(mesh, global_batch_size)
+  if set(rows) != processes or len(set(rows.values())) != 1:
+    raise ValueError(f'the mesh gives the {len(processes)} processes unequal shares of the '
+                     f'{what} {global_batch_size} (process: rows {dict(sorted(rows.items()))}); '
+                     'use every device of every process, or the same number on each')
+
+
+def process_rows(mesh, global_batch_size: int) -> dict[int, int]:
+  """Rows of a global batch sharded over 'data' that each process's devices hold."""
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+  rows: dict[int, int] = {}
+  for device, (index,) in index_map.items():
+    rows[device.process_index] = rows.get(device.process_index, 0) + len(
+        range(*index.indices(global_batch_size)))
+  return rows
 
 
 def put_batch(local_batch: dict, mesh) -> dict:

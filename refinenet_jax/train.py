@@ -199,6 +199,14 @@ def make_train_step(config, model, mesh, state_sh, ignore_label: int = 255, wrap
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
+def make_eval_step(config, model, num_classes: int, ignore_label: int = 255):
+  """The jitted eval step (confusion matrix of a global batch) with the config's eval settings;
+  its shardings come from its arguments (``put_batch``'s, or ShapeDtypeStructs')."""
+  return jax.jit(functools.partial(
+      steps.eval_step, model=model, num_classes=num_classes, ignore_label=ignore_label,
+      **_eval_kwargs(config, transforms.fill_value(model.normalization))))
+
+
 def _init_variables(config, run) -> dict:
   """``config.init_checkpoint`` -> {'params', 'batch_stats'} checked against this run's model.
 
@@ -261,10 +269,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f'{mesh.size} device(s) on {jax.process_count()} process(es)', flush=True)
 
   step_fn = make_train_step(config, model, mesh, run['state_sh'], info.ignore_label)
-  eval_fn = jax.jit(functools.partial(
-      steps.eval_step, model=model, num_classes=info.num_classes,
-      ignore_label=info.ignore_label,
-      **_eval_kwargs(config, transforms.fill_value(model.normalization))))
+  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label)
   predict_fn = jax.jit(functools.partial(steps.predict_step, model=model))
   lr_fn = optim.learning_rate_fn(config)
   writer = writers.MetricWriter(workdir, tensorboard=config.tensorboard)
@@ -368,10 +373,7 @@ def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
   run = setup(config, workdir, splits=('eval',))
   state, step = _restore_for_inference(config, run, checkpoint)
   model, info = run['model'], run['info']
-  eval_fn = jax.jit(functools.partial(
-      steps.eval_step, model=model, num_classes=info.num_classes,
-      ignore_label=info.ignore_label,
-      **_eval_kwargs(config, transforms.fill_value(model.normalization))))
+  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label)
   t0 = time.time()
   result = run_evaluation(state, eval_fn, run['eval_ds'], run['mesh'], info.num_classes)
   for name, iou in zip(info.class_names, result['per_class_iou']):

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
 import benchmark  # noqa: E402
 import torch_reference  # noqa: E402
 
+from refinenet_jax import xla_stats  # noqa: E402
+
 MODEL = 'lw_refinenet_tiny'
 KW = dict(num_classes=3, size=(32, 32), model_overrides={'tap_dropout': 0.0},
           config_overrides={'warmup_steps': 0})  # no warm-up: the first step already moves
@@ -58,7 +60,7 @@ def test_records_are_complete_json(records):
     assert r['peak_source'] == '--peak_flops' and r['peak_flops_per_s'] == PEAK * 8
     assert r['mfu'] == pytest.approx(r['achieved_flops_per_s'] / (PEAK * 8))
     mem = r['memory_per_device']
-    assert mem['estimate_bytes'] > 0 and mem['peak_bytes_in_use'] is None  # CPU: no stats
+    assert mem['total_bytes'] > 0 and mem['peak_bytes_in_use'] is None  # CPU: no stats
     assert r['params'] > 0 and r['aux_heads'] == 0
 
 
@@ -107,15 +109,17 @@ def test_cost_analysis_forms():
 
     def cost_analysis(self):
       return self.analysis
-  assert benchmark.step_flops(Fake({'flops': 6.0})) == 6.0
-  assert benchmark.step_flops(Fake([{'flops': 2.0}, {'flops': 3.0}])) == 5.0  # older jax
-  assert benchmark.step_flops(Fake({})) is None
-  assert benchmark.step_flops(Fake([None])) is None
+  flops = lambda a: xla_stats.cost(Fake(a))['flops']
+  assert flops({'flops': 6.0}) == 6.0
+  assert flops([{'flops': 2.0}, {'flops': 3.0}]) == 5.0  # older jax
+  assert flops({}) is None
+  assert flops([None]) is None
+  assert xla_stats.cost(Fake({'flops': 1.0, 'bytes accessed': 8.0}))['bytes_accessed'] == 8.0
 
 
 def test_peak_table_lookup():
   peak = benchmark.peak_flops_per_device
-  assert peak('NVIDIA H100 80GB HBM3', 'bfloat16') == (989e12, 'H100')
+  assert peak('NVIDIA H100 80GB HBM3', 'bfloat16') == (989e12, 'NVIDIA H100 SXM5')
   assert peak('NVIDIA H100 PCIe', 'bfloat16')[0] == 756.5e12
   assert peak('NVIDIA H200', 'float32')[0] == 494.5e12
   assert peak('TPU v5 lite', 'bfloat16')[0] == 197e12  # v5e, not v5p

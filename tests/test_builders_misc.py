@@ -63,18 +63,30 @@ def save_palette(path, array):
   im.putpalette(np.random.default_rng(0).integers(0, 256, 768, dtype=np.uint8).tolist())
   os.makedirs(os.path.dirname(path), exist_ok=True)
   im.save(path)
-  assert Image.open(path).mode == 'P' and np.array_equal(np.asarray(Image.open(path)), array)
+  assert pil_mode(path) == 'P' and np.array_equal(pil_array(path), array)
   return path
 
 
 def truncate(path):
-  data = open(path, 'rb').read()
+  with open(path, 'rb') as f:
+    data = f.read()
   with open(path, 'wb') as f:
     f.write(data[:len(data) // 2])
 
 
 def pil_rgb(path):
-  return np.asarray(Image.open(path).convert('RGB'))
+  with Image.open(path) as im:
+    return np.asarray(im.convert('RGB'))
+
+
+def pil_array(path):
+  with Image.open(path) as im:
+    return np.asarray(im)
+
+
+def pil_mode(path):
+  with Image.open(path) as im:
+    return im.mode
 
 
 def labels(src):
@@ -126,8 +138,8 @@ def test_nyu_real_samples_decode_exactly(tmp_path):
       ex = src[i]
       assert ex['image'].dtype == np.uint8 and ex['label'].dtype == np.uint8
       assert np.array_equal(ex['image'], pil_rgb(image))
-      stored = np.asarray(Image.open(mask))
-      assert Image.open(mask).mode == 'P'
+      stored = pil_array(mask)
+      assert pil_mode(mask) == 'P'
       assert np.array_equal(ex['label'][..., 0], stored)
       assert 255 in stored  # the unlabelled pixels survive as the ignore value
 
@@ -258,8 +270,8 @@ def write_ade(top):
 
 def test_ade20k(tmp_path):
   files = write_ade(tmp_path / 'ade')
-  assert Image.open(files['ADE_train_00000002'][0]).mode == 'L'
-  assert Image.open(files['ADE_train_00000003'][0]).mode == 'CMYK'
+  assert pil_mode(files['ADE_train_00000002'][0]) == 'L'
+  assert pil_mode(files['ADE_train_00000003'][0]) == 'CMYK'
   # manual_dir may hold ADEChallengeData2016/ or be it.
   for manual_dir in (tmp_path / 'ade', tmp_path / 'ade' / 'ADEChallengeData2016'):
     b = build(Ade20k, manual_dir, tmp_path)
@@ -277,7 +289,7 @@ def test_ade20k(tmp_path):
         assert label.max(initial=0) == 255 and 149 in label
         image = src[i]['image']
         assert image.shape == (H, W, 3)
-        if Image.open(jpg).mode == 'RGB':  # original JPEG bytes kept; decoders may differ by 1
+        if pil_mode(jpg) == 'RGB':  # original JPEG bytes kept; decoders may differ by 1
           assert np.abs(image.astype(int) - pil_rgb(jpg)).max() <= 2
         else:  # converted by PIL and stored losslessly
           assert np.array_equal(image, pil_rgb(jpg))
@@ -439,7 +451,7 @@ def test_folder_errors(tmp_path):
 
   root = tmp_path / 'nosplits'
   os.makedirs(root / 'images')
-  open(root / 'classes.txt', 'w').write('a\n')
+  (root / 'classes.txt').write_text('a\n')
   with pytest.raises(DatasetError, match=re.escape(str(root / 'images'))):
     build_folder(root, tmp_path)
 

@@ -105,13 +105,23 @@ def check_error(excinfo, path):
   raise AssertionError(f'no DatasetError naming {path} in {[repr(e) for e in seen]}')
 
 
+def pil_array(path, mode=None):
+  with Image.open(path) as im:
+    return np.asarray(im if mode is None else im.convert(mode))
+
+
+def pil_hw(path):
+  with Image.open(path) as im:
+    return im.size[::-1]
+
+
 def assert_decodes_to(ex, jpg, png_or_label, name):
-  label = (np.asarray(Image.open(png_or_label)) if isinstance(png_or_label, (str, os.PathLike))
+  label = (pil_array(png_or_label) if isinstance(png_or_label, (str, os.PathLike))
            else png_or_label)
   assert ex['name'] in (name, name.encode())
   assert ex['label'].dtype == np.uint8 and ex['label'].shape == (*label.shape, 1)
   assert np.array_equal(ex['label'][..., 0], label)
-  image = np.asarray(Image.open(jpg).convert('RGB'))
+  image = pil_array(jpg, 'RGB')
   assert ex['image'].shape == image.shape and ex['image'].dtype == np.uint8
   assert np.abs(ex['image'].astype(int) - image).max() <= 2  # tfds decodes with OpenCV
 
@@ -166,7 +176,7 @@ def test_voc_aug_split_arithmetic(tmp_path):
   root = tmp_path / 'manual'
   voc = voc_layout(root, folder, voc_train, voc_val)
   sbd = root / 'benchmark_RELEASE' / 'dataset'
-  hw = {i: Image.open(os.path.join(folder, f'{i}.jpg')).size[::-1] for i in ids}
+  hw = {i: pil_hw(os.path.join(folder, f'{i}.jpg')) for i in ids}
   # SBD covers one VOC train id (its VOC label must win), one VOC val id (must be excluded), and
   # SBD-only ids: s1..s3 with images only in SBD img/, s4 whose VOC JPEG exists (VOC wins).
   sbd_train = [voc_train[0], voc_val[0], '2011_000001', '2011_000002']
@@ -247,8 +257,10 @@ def test_voc_corrupt_jpeg(tmp_path):
   voc = synthetic_voc(tmp_path, {'a': ('train', np.zeros((16, 16))),
                                  'b': ('val', np.zeros((16, 16)))})
   bad = os.path.join(voc, 'JPEGImages', 'b.jpg')
-  data = open(bad, 'rb').read()
-  open(bad, 'wb').write(data[:len(data) // 2])
+  with open(bad, 'rb') as f:
+    data = f.read()
+  with open(bad, 'wb') as f:
+    f.write(data[:len(data) // 2])
   with pytest.raises(DatasetError) as e:
     build(Voc2012, tmp_path, tmp_path)
   check_error(e, bad)
@@ -336,8 +348,7 @@ def test_pascal_context_mapping(tmp_path):
   label = train[1]['label'][..., 0]
   assert label[3, 3] == classes.index('person') == 37
   assert label[0, 0] == 0 and label[1, 1] == 0 and label[2, 2] == classes.index('tree')
-  image = np.asarray(Image.open(tmp_path / 'VOCdevkit' / 'VOC2010' / 'JPEGImages' /
-                                '2008_000003.jpg'))
+  image = pil_array(tmp_path / 'VOCdevkit' / 'VOC2010' / 'JPEGImages' / '2008_000003.jpg')
   assert np.abs(train[1]['image'].astype(int) - image).max() <= 2
   val = builder.as_data_source('val')
   assert len(val) == 1 and (val[0]['label'] == classes.index('wood')).all()

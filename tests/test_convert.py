@@ -81,13 +81,15 @@ def test_writer_roundtrip(tmp_path):
 
 def test_corrupt_and_truncated_files_fail_clearly(tmp_path):
   src = os.path.join(FIX, 'torch_io_zip.pth')
-  data = open(src, 'rb').read()
+  with open(src, 'rb') as f:
+    data = f.read()
   (tmp_path / 'trunc.pth').write_bytes(data[:len(data) // 2])
   (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint at all')
   for f in ('trunc.pth', 'junk.pth'):
     with pytest.raises(CheckpointFormatError, match=f):
       load_torch_checkpoint(tmp_path / f)
-  legacy = open(os.path.join(FIX, 'torch_io_legacy.pth'), 'rb').read()
+  with open(os.path.join(FIX, 'torch_io_legacy.pth'), 'rb') as f:
+    legacy = f.read()
   (tmp_path / 'trunc_legacy.pth').write_bytes(legacy[:-40])
   with pytest.raises(CheckpointFormatError, match='truncated|corrupt'):
     load_torch_checkpoint(tmp_path / 'trunc_legacy.pth')

@@ -2,12 +2,14 @@
 and bad workdirs/checkpoints are refused before anything is trained or loaded."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -17,18 +19,46 @@ from refinenet_jax import checkpoint, train
 from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Only catches a hung run; a healthy one on a loaded 2-core machine takes a few minutes at most.
+# Nothing here waits on the clock: the tests wait for events (a marker file, a log line, an exit).
+HANG_S = 1200
 
 
-def _main(workdir, data_dir, *overrides):
-  cmd = [sys.executable, '-m', 'refinenet_jax.main', f'--workdir={workdir}',
+def _main(workdir, data_dir, *overrides, launcher=('-m', 'refinenet_jax.main'), env=None,
+          stdout=subprocess.PIPE):
+  cmd = [sys.executable, *launcher, f'--workdir={workdir}',
          f'--config={os.path.join(ROOT, "configs", "tiny.py")}', f'--config.data_dir={data_dir}',
          '--config.tensorboard=False', *overrides]
-  return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, 'PYTHONPATH': ROOT},
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  # conftest's persistent compilation cache: the three runs of a test compile the same programs
+  env = {**os.environ, 'PYTHONPATH': ROOT,
+         'JAX_COMPILATION_CACHE_DIR': jax.config.jax_compilation_cache_dir,
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '1.0', **(env or {})}
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT)
 
 
-def _finish(proc, timeout=300):
-  out = proc.communicate(timeout=timeout)[0].decode()
+@contextlib.contextmanager
+def _hang_guard(proc, what):
+  """Kills ``proc`` if it is still running after HANG_S seconds, and then fails the test."""
+  fired = threading.Event()
+
+  def kill():
+    fired.set()
+    proc.kill()
+
+  timer = threading.Timer(HANG_S, kill)
+  timer.daemon = True
+  timer.start()
+  try:
+    yield
+  finally:
+    timer.cancel()
+    if fired.is_set():
+      pytest.fail(f'{what} hung: killed after {HANG_S} s')
+
+
+def _finish(proc, what='run'):
+  with _hang_guard(proc, what):
+    out = proc.communicate()[0].decode()
   return proc.returncode, out
 
 
@@ -55,19 +85,32 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   data = tmp_path / 'data'
   steps = ['--config.num_steps=24', '--config.checkpoint_every=2', '--config.log_every=1']
   # the reference: uninterrupted
-  rc, out = _finish(_main(tmp_path / 'a', data, *steps))
+  rc, out = _finish(_main(tmp_path / 'a', data, *steps), 'the uninterrupted run')
   assert rc == 0, out[-3000:]
-  # killed without warning once a few checkpoints exist (possibly mid-save), then resumed
-  p = _main(tmp_path / 'b', data, *steps)
-  deadline = time.time() + 240
-  while not any(s >= 6 for s in _steps(tmp_path / 'b')):
-    assert p.poll() is None and time.time() < deadline, 'run ended before it could be killed'
-    time.sleep(0.2)
-  p.send_signal(signal.SIGKILL)
-  p.wait()
+  # killed without warning once a few checkpoints exist (possibly mid-save: the launcher holds
+  # the run right after the save of a step >= 6 returns, while orbax may still be writing it),
+  # then resumed
+  marker, log = tmp_path / 'held', tmp_path / 'b.log'
+  with open(log, 'wb') as f:  # a file, not a pipe nobody reads while the run is held
+    p = _main(tmp_path / 'b', data, *steps, stdout=f,
+              launcher=(os.path.join(ROOT, 'tests', 'hold_after_save.py'),),
+              env={'RJ_HOLD_MARKER': str(marker), 'RJ_HOLD_STEP': '6'})
+  with _hang_guard(p, 'the run to be killed'):
+    while not marker.exists():
+      if p.poll() is not None:
+        pytest.fail(f'run ended (rc {p.returncode}) before it could be killed:\n'
+                    f'{log.read_text()[-3000:]}')
+      try:
+        p.wait(timeout=0.2)
+      except subprocess.TimeoutExpired:
+        pass
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  assert p.returncode == -signal.SIGKILL
+  assert int(marker.read_text()) >= 6
   killed_at = max(_steps(tmp_path / 'b'))
   assert killed_at < 24
-  rc, out = _finish(_main(tmp_path / 'b', data, *steps))
+  rc, out = _finish(_main(tmp_path / 'b', data, *steps), 'the resumed run')
   assert rc == 0, out[-3000:]
   assert 'resuming from step' in out
   _assert_trees_equal(_saved_state(tmp_path / 'a', 24), _saved_state(tmp_path / 'b', 24))
@@ -76,14 +119,14 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   p = _main(tmp_path / 'w', tmp_path / 'data', '--config.num_steps=100000',
             '--config.checkpoint_every=0', '--config.log_every=1', '--config.warmup_steps=0')
-  deadline = time.time() + 240
-  line = b''
-  while b'step 3/' not in line:
-    line = p.stdout.readline()
-    assert line or p.poll() is None, 'run ended early'
-    assert time.time() < deadline
-  p.send_signal(signal.SIGTERM)
-  rc, out = _finish(p)
+  with _hang_guard(p, 'the run to be stopped'):
+    line, seen = b'', []
+    while b'step 3/' not in line:
+      line = p.stdout.readline()
+      seen.append(line)
+      assert line or p.poll() is None, 'run ended early:\n' + b''.join(seen)[-3000:].decode(errors='replace')
+    p.send_signal(signal.SIGTERM)
+  rc, out = _finish(p, 'the stopped run')
   assert rc == 0, out[-3000:]
   assert 'SIGTERM: saved step' in out
   saved = _steps(tmp_path / 'w')
@@ -117,12 +160,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   ckpts.close()
 
 
-def test_unwritable_workdir_fails_before_training(tmp_path):
+def test_unwritable_workdir_fails_before_training(tmp_path, monkeypatch):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')
   c = get_config()
   c.data_dir = str(tmp_path / 'data')
-  t = time.time()
+  called = []  # refused up front: no model built, no data prepared, nothing compiled
+
+  def record(name):
+    def fn(*args, **kwargs):
+      called.append(name)
+      raise AssertionError(f'{name} called before the workdir was checked')
+    return fn
+
+  monkeypatch.setattr(train, 'build_model', record('build_model'))
+  monkeypatch.setattr(train, 'make_data', record('make_data'))
+  monkeypatch.setattr(train.datasets, 'prepare', record('datasets.prepare'))
+  monkeypatch.setattr(train.checkpoint, 'Checkpoints', record('Checkpoints'))
   with pytest.raises(PermissionError, match='not writable'):
     train.train_and_evaluate(c, str(blocker / 'run'))
-  assert time.time() - t < 5  # refused up front, not after building data or compiling
+  assert called == []
+  assert not (tmp_path / 'data').exists()

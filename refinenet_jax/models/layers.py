@@ -96,7 +96,7 @@ def decoder_init(name: str):
   return DECODER_INITS[name]
 
 
-# Backends on which grouped convolutions run as one convolution per group. XLA:CPU lowers a
+# Platforms on which grouped convolutions run as one convolution per group. XLA:CPU lowers a
 # grouped convolution's weight gradient ~90x slower than the per-group convolutions (ResNeXt's
 # 32-group 3x3 at 1/4 resolution: 12.1 s vs 0.13 s), its forward ~6x (BENCHMARKS.md section 4);
 # GPUs and TPUs have native grouped kernels, so they keep one grouped convolution.
@@ -107,15 +107,26 @@ def grouped_conv_general_dilated(lhs, rhs, window_strides, padding, *, dimension
                                  feature_group_count: int = 1, **kwargs):
   """``lax.conv_general_dilated`` (flax ``nn.Conv``'s ``conv_general_dilated`` hook) that runs a
   grouped convolution as one per group on SPLIT_GROUPED_CONV_BACKENDS: the same parameters and
-  the same arithmetic per output, only a different lowering."""
+  the same arithmetic per output, only a different lowering.
+
+  The choice is ``lax.platform_dependent``: it follows the platform the program is lowered for,
+  not the process's default backend, so a TPU program compiled on a CPU host keeps the native
+  grouped convolution.
+  """
   run = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                           padding=padding, dimension_numbers=dimension_numbers, **kwargs)
   g = feature_group_count
-  if g == 1 or jax.default_backend() not in SPLIT_GROUPED_CONV_BACKENDS:
-    return run(lhs, rhs, feature_group_count=g)
-  dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-  parts = zip(jnp.split(lhs, g, axis=dn.lhs_spec[1]), jnp.split(rhs, g, axis=dn.rhs_spec[0]))
-  return jnp.concatenate([run(x, w) for x, w in parts], axis=dn.out_spec[1])
+  if g == 1:
+    return run(lhs, rhs)
+
+  def per_group(lhs, rhs):
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    parts = zip(jnp.split(lhs, g, axis=dn.lhs_spec[1]), jnp.split(rhs, g, axis=dn.rhs_spec[0]))
+    return jnp.concatenate([run(x, w) for x, w in parts], axis=dn.out_spec[1])
+
+  native = lambda lhs, rhs: run(lhs, rhs, feature_group_count=g)
+  return lax.platform_dependent(lhs, rhs, default=native,
+                                **{p: per_group for p in SPLIT_GROUPED_CONV_BACKENDS})
 
 
 def conv(features: int, kernel: int, *, use_bias: bool, name: str, dtype: Dtype,

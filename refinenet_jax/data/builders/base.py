@@ -116,7 +116,8 @@ def encode_image(image, source: str) -> tuple[bytes, tuple[int, int]]:
     image = image()
   if isinstance(image, (str, os.PathLike)):
     source = source or os.fspath(image)
-    data = open(require_file(image, 'image'), 'rb').read()
+    with open(require_file(image, 'image'), 'rb') as f:
+      data = f.read()
   else:
     data = bytes(image)
   im = _open_image(data, source)
@@ -134,7 +135,9 @@ def read_index_png(path) -> np.ndarray:
   dataset-specific, and guessing would silently corrupt labels.
   """
   path = require_file(path, 'mask')
-  im = _open_image(open(path, 'rb').read(), path)
+  with open(path, 'rb') as f:
+    data = f.read()
+  im = _open_image(data, path)
   if im.mode in ('P', 'L'):
     return np.asarray(im, dtype=np.uint8)  # for 'P' these are the palette indices
   if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):

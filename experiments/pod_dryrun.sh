@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# BENCHMARKS.md section 5: the pod dry-run rows (needs the tpu extra). Each compile takes
+# minutes to half an hour on 2 cores; the persistent cache makes a re-run cheap.
+#   bash experiments/pod_dryrun.sh [runs/pod_dryrun.jsonl]
+set -euo pipefail
+out=${1:-runs/pod_dryrun.jsonl}
+common=(--config.crop_size=512,512 --config.compute_dtype=bfloat16 --config.eval_size=512,512
+        '--config.eval_scales=(1.0,)' '--config.eval_window=()' --batch_per_chip=8 --out="$out")
+dry() { python -m refinenet_jax.dryrun "$@" "${common[@]}"; }  # --config first
+# one single-host slice (v5e: 4 chips, 1 host) for every reference model
+dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py
+dry --topology=v5e:2x2 --config=configs/lw_refinenet_r50_voc.py
+dry --topology=v5e:2x2 --config=configs/fcn8s_voc.py --config.num_devices=-1  # recipe: 1 device
+dry --topology=v5e:2x2 --config='configs/exfuse_ladder.py:voc,dap'
+# a multi-host slice (16 chips on 4 hosts), and the largest batch per chip
+dry --topology=v5e:4x4 --config=configs/refinenet_r101_voc.py
+dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py --eval_batch_per_chip=0 --max_batch \
+    --max_batch_limit=64
+python -m refinenet_jax.dryrun --report="$out"
