@@ -50,16 +50,30 @@ def train_steps(mesh, process_id: int = 0, num_processes: int = 1) -> dict:
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   images, labels = synthetic.make_synthetic_scenes(GLOBAL_BATCH * STEPS, (32, 32), seed=1)
   rows = GLOBAL_BATCH // num_processes
-  losses = []
+  batches = []
   for i in range(STEPS):
     start = GLOBAL_BATCH * i + process_id * rows  # this process's rows
     sl = slice(start, start + rows)
-    batch = sharding.put_batch({'image': images[sl], 'label': labels[sl]}, mesh)
+    batches.append(sharding.put_batch({'image': images[sl], 'label': labels[sl]}, mesh))
+  # Compile first, then wait for every process: the CPU collectives (gloo) give a process only
+  # 30 s to join the first all-reduce, less than one compile takes on a loaded machine.
+  step = step.lower(state, batches[0]).compile()
+  _barrier('compiled')
+  losses = []
+  for batch in batches:
     state, m = step(state, batch)
     losses.append(float(m['loss']))
   flat = traverse_util.flatten_dict(jax.device_get(
       {'params': state.params, 'batch_stats': state.batch_stats}), sep='/')
   return {'losses': np.array(losses), **{k: np.asarray(v) for k, v in flat.items()}}
+
+
+def _barrier(name: str) -> None:
+  """All processes reach ``name`` (the coordination service's barrier: no device collective,
+  and a hang guard instead of gloo's 30 s)."""
+  if jax.process_count() > 1:
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(name, INIT_TIMEOUT_S * 1000)
 
 
 def main(argv):
