@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md section 5: the pod dry-run rows (needs the tpu extra). Each compile takes
-# minutes to half an hour on 2 cores; the persistent cache makes a re-run cheap.
+# minutes to half an hour on 2 cores; an unchanged program's results are reused
+# (--cache_dir), so a re-run or an interrupted --max_batch search goes on where it stopped.
 #   bash experiments/pod_dryrun.sh [runs/pod_dryrun.jsonl]
 set -euo pipefail
 out=${1:-runs/pod_dryrun.jsonl}

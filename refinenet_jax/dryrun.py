@@ -19,6 +19,9 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gzip
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -32,7 +35,7 @@ import numpy as np
 from refinenet_jax import hardware, optim, sharding, train, xla_stats
 from refinenet_jax.data import datasets, transforms
 
-DEFAULT_CACHE = os.path.join('~', '.cache', 'refinenet_jax', 'xla')
+DEFAULT_CACHE = os.path.join('~', '.cache', 'refinenet_jax')
 _TOPOLOGY = re.compile(r'^(?P<kind>[a-z0-9]+):(?P<dims>\d+(?:x\d+)*)(?:_(?:un)?twisted)?$')
 
 
@@ -135,21 +138,94 @@ def _progress(label: str, every: float = 30.0):
     thread.join()
 
 
+class OutOfMemory(RuntimeError):
+  """The compiler found that the program does not fit in the device's memory."""
+
+
 def _is_out_of_memory(error: Exception) -> bool:
   text = str(error)
   return 'RESOURCE_EXHAUSTED' in text or 'Ran out of memory' in text
 
 
-def compile_stats(jitted, args, label: str = 'compiling') -> dict:
-  """Lowers and compiles; XLA's per-device memory, cost and collectives, and the times."""
+def _fingerprint(lowered, args) -> str:
+  """What decides the compiled program: the lowered module, the devices it is placed on, and
+  the compiler (jax, jaxlib, libtpu versions and their flags)."""
+  sharding_ = next(a.sharding for a in jax.tree.leaves(args) if getattr(a, 'sharding', None))
+  devices = sorted(sharding_.device_set, key=lambda d: d.id)
+  versions = []
+  for dist in ('jax', 'jaxlib', 'libtpu'):
+    try:
+      versions.append(f'{dist}=={importlib.metadata.version(dist)}')
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  h = hashlib.sha256()
+  for part in (lowered.as_text(), *versions, os.environ.get('XLA_FLAGS', ''),
+               os.environ.get('LIBTPU_INIT_ARGS', ''),
+               *(f'{d.id}:{d.process_index}:{d.platform}:{d.device_kind}:'
+                 f'{getattr(d, "coords", "")}:{getattr(d, "core_on_chip", "")}' for d in devices)):
+    h.update(part.encode())
+    h.update(b'\0')
+  return h.hexdigest()
+
+
+def compile_stats(jitted, args, label: str = 'compiling', cache_dir: str | None = None) -> dict:
+  """Lowers and compiles; XLA's per-device memory, cost and collectives, and the times.
+
+  With ``cache_dir``, the results (and the compiled HLO, from which the collectives are
+  counted again) are kept per program fingerprint, so an unchanged program is not compiled
+  again: XLA's own persistent cache cannot load executables compiled for a topology's devices.
+  Raises :class:`OutOfMemory` when the program does not fit (a cached verdict too)."""
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - t0
+  entry = hlo_path = None
+  if cache_dir:
+    directory = os.path.join(os.path.expanduser(cache_dir), 'dryrun')
+    entry = os.path.join(directory, _fingerprint(lowered, args) + '.json')
+    hlo_path = entry[:-len('.json')] + '.hlo.gz'
+    if os.path.exists(entry):
+      with open(entry) as f:
+        stats = json.load(f)
+      print(f'{label}: compiled before ({stats["compiled_at"]}, {stats["compile_s"]:.0f} s); '
+            f'results from {entry}', flush=True)
+      if stats.get('out_of_memory'):
+        raise OutOfMemory(stats['out_of_memory'])
+      with gzip.open(hlo_path, 'rt') as f:
+        stats['collectives'] = xla_stats.collectives(f.read())
+      return {**stats, 'lower_s': lower_s, 'cached': True}
   with _progress(label):
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
     t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-  return {'lower_s': t1 - t0, 'compile_s': t2 - t1, 'memory': xla_stats.memory(compiled),
-          **xla_stats.cost(compiled), 'collectives': xla_stats.collectives(compiled.as_text())}
+    try:
+      compiled = lowered.compile()
+      error = None
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer
+      if not _is_out_of_memory(e):
+        raise
+      error = str(e).splitlines()[0][:500]
+    compile_s = time.perf_counter() - t1
+  stats = {'compile_s': compile_s, 'compiled_at': datetime.datetime.now(
+      datetime.timezone.utc).isoformat(timespec='seconds')}
+  if error is None:
+    hlo = compiled.as_text()
+    stats.update(memory=xla_stats.memory(compiled), **xla_stats.cost(compiled))
+  else:
+    stats['out_of_memory'] = error
+  if entry:
+    os.makedirs(os.path.dirname(entry), exist_ok=True)
+    if error is None:
+      _write_atomically(hlo_path, lambda f: f.write(gzip.compress(hlo.encode())))
+    _write_atomically(entry, lambda f: f.write(json.dumps(stats).encode()))
+  if error is not None:
+    raise OutOfMemory(error)
+  return {**stats, 'lower_s': lower_s, 'cached': False,
+          'collectives': xla_stats.collectives(hlo)}
+
+
+def _write_atomically(path: str, write) -> None:
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    write(f)
+  os.replace(tmp, path)
 
 
 def roofline(stats: dict, chip: hardware.Chip | None, devices_per_chip: int, dtype: str,
@@ -175,7 +251,7 @@ def fits(stats: dict, hbm_per_device: int | None) -> bool | None:
 
 
 def largest_batch(config, topo: Topology, hbm_per_device: int, start: int = 8,
-                  limit: int = 1024) -> dict:
+                  limit: int = 1024, cache_dir: str | None = None) -> dict:
   """The largest per-device train batch whose compiled step fits in HBM (XLA's static
   estimate; a compile that runs out of memory does not fit), in few compiles: memory grows
   about linearly with the batch, so once two compiles report it, the next probe is the batch
@@ -187,11 +263,9 @@ def largest_batch(config, topo: Topology, hbm_per_device: int, start: int = 8,
   def try_batch(b):
     jitted, args = programs(config, topo, b)['train']
     try:
-      stats = compile_stats(jitted, args, f'  batch {b} per device')
+      stats = compile_stats(jitted, args, f'  batch {b} per device', cache_dir)
       tried[b] = (bool(fits(stats, hbm_per_device)), stats)
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is an answer
-      if not _is_out_of_memory(e):
-        raise
+    except OutOfMemory:
       tried[b] = (False, None)
     print(f'  batch {b} per device: {"fits" if tried[b][0] else "does not fit"}', flush=True)
     return tried[b][0]
@@ -227,7 +301,7 @@ def largest_batch(config, topo: Topology, hbm_per_device: int, start: int = 8,
 
 def run(config, topology_name: str, batch_per_chip: int = 8,
         eval_batch_per_chip: int | None = None, max_batch: bool = False,
-        max_batch_limit: int = 1024) -> dict:
+        max_batch_limit: int = 1024, cache_dir: str | None = None) -> dict:
   """The dry run of ``config`` on a topology; returns its JSON-serialisable record.
 
   Batches are per chip (split over its devices where a chip shows as several); the eval step
@@ -260,7 +334,7 @@ def run(config, topology_name: str, batch_per_chip: int = 8,
   for name, (jitted, args) in progs.items():
     b = args[1]['image'].shape[0] // n
     stats = compile_stats(jitted, args, f'{name} step: {config.model} on {topology_name} '
-                                        f'({n} devices, {b} images each)')
+                                        f'({n} devices, {b} images each)', cache_dir)
     stats['images_per_device'] = b
     if stats.get('flops'):
       stats['flops_per_image'] = stats['flops'] / b
@@ -283,7 +357,7 @@ def run(config, topology_name: str, batch_per_chip: int = 8,
         continue
       print(f'largest batch per device, remat={remat}:', flush=True)
       record['max_batch']['remat' if remat else 'no_remat'] = largest_batch(
-          c, topo, hbm, max(1, batch_per_chip // per_chip), max_batch_limit)
+          c, topo, hbm, max(1, batch_per_chip // per_chip), max_batch_limit, cache_dir)
   return record
 
 
@@ -298,7 +372,9 @@ def summary(name: str, stats: dict, hbm: int | None) -> str:
   coll = ', '.join(f'{v["count"]} {k} ({v["bytes"] / 2**20:.1f} MiB)'
                    for k, v in sorted(stats['collectives'].items())) or 'none'
   roof = stats.get('roofline') or {}
-  lines = [f'{name}: compiled in {stats["compile_s"]:.1f} s (lowered in {stats["lower_s"]:.1f} s)',
+  when = ' (an earlier compile, same program)' if stats.get('cached') else ''
+  lines = [f'{name}: compiled in {stats["compile_s"]:.1f} s{when} (lowered in '
+           f'{stats["lower_s"]:.1f} s)',
            f'  memory per device: arguments {_gib(mem.get("argument_bytes"))} + outputs '
            f'{_gib(mem.get("output_bytes"))} + temporaries {_gib(mem.get("temp_bytes"))} - '
            f'aliased {_gib(mem.get("alias_bytes"))} GiB -> {_gib(total)} GiB{share}',
@@ -343,15 +419,6 @@ def table(records: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def use_compilation_cache(path: str) -> None:
-  """Persistent XLA cache: a repeated dry run (or a bigger batch after a smaller one of the
-  same shapes) reuses compiled programs instead of compiling for minutes again."""
-  path = os.path.expanduser(path)
-  os.makedirs(path, exist_ok=True)
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-
-
 def main(argv=None):
   from absl import app, flags, logging
 
@@ -368,8 +435,9 @@ def main(argv=None):
   out = flags.DEFINE_string('out', '', 'append the JSON records to this file')
   report = flags.DEFINE_string('report', '', 'print the table of the records in this JSON-lines '
                                'file (written by --out) and exit: nothing is compiled')
-  cache = flags.DEFINE_string('cache_dir', DEFAULT_CACHE, 'persistent XLA compilation cache '
-                              "('' = off)")
+  cache = flags.DEFINE_string('cache_dir', DEFAULT_CACHE, 'keeps each compiled program\'s '
+                              "results by its fingerprint, so an unchanged one is not compiled "
+                              "again ('' = off)")
 
   def _main(args):
     if len(args) > 1:
@@ -385,12 +453,10 @@ def main(argv=None):
         topology(name)
       except (ValueError, RuntimeError) as e:
         raise app.UsageError(str(e)) from None
-    if cache.value:
-      use_compilation_cache(cache.value)
     records = []
     for name in topologies.value:
       record = run(config.value, name, batch.value, eval_batch.value, max_batch.value,
-                   limit.value)
+                   limit.value, cache.value)
       records.append(record)
       if out.value:
         os.makedirs(os.path.dirname(os.path.abspath(out.value)), exist_ok=True)

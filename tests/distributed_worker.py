@@ -16,7 +16,7 @@ GLOBAL_BATCH = 8
 STEPS = 3
 # Only catches a coordinator that never comes up; on a loaded machine the other process may take
 # minutes to import and reach initialize().
-INIT_TIMEOUT_S = 1200
+INIT_TIMEOUT_S = 1800
 
 
 def train_steps(mesh, process_id: int = 0, num_processes: int = 1) -> dict:

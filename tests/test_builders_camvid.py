@@ -18,6 +18,11 @@ CAMVID = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', '
 needs_camvid = pytest.mark.skipif(not os.path.isdir(CAMVID), reason='../shared/data/camvid absent')
 
 
+def _png(path, mode=None):
+  with Image.open(path) as im:
+    return np.asarray(im.convert(mode) if mode else im)
+
+
 def _histogram(masks, void=11):
   h = np.zeros(256, np.int64)
   for m in masks:
@@ -34,19 +39,19 @@ def test_camvid_builds_from_the_real_data_with_its_class_histogram(tmp_path):
   for split, n in (('train', 367), ('val', 101)):
     src = datasets.data_source(b, split)
     assert len(src) == n
-    rows = [line.split() for line in open(os.path.join(CAMVID, f'{split}.txt'))]
+    with open(os.path.join(CAMVID, f'{split}.txt')) as f:
+      rows = [line.split() for line in f]
     names = [os.path.splitext(os.path.basename(r[1]))[0] for r in rows]
     examples = [src[i] for i in range(n)]
     assert [e['name'].decode() for e in examples] == names  # list order is kept
-    want = _histogram(Image.open(os.path.join(CAMVID, f'{split}annot', f'{m}.png'))
-                      for m in names)
+    want = _histogram(_png(os.path.join(CAMVID, f'{split}annot', f'{m}.png')) for m in names)
     got = _histogram((e['label'][..., 0] for e in examples), void=None)
     np.testing.assert_array_equal(got, want)
     assert got[11:255].sum() == 0 and got[:11].all()  # all 11 classes present, void -> 255
     assert all(e['image'].shape == (360, 480, 3) for e in examples[:5])
     np.testing.assert_array_equal(  # PNG images are stored as they are: decoded exactly
         examples[0]['image'],
-        np.asarray(Image.open(os.path.join(CAMVID, split, names[0] + '.png')).convert('RGB')))
+        _png(os.path.join(CAMVID, split, names[0] + '.png'), 'RGB'))
 
 
 def _tiny_camvid(root, n=3):
@@ -77,7 +82,7 @@ def test_tiny_camvid_layout_builds(tmp_path):
   root = _tiny_camvid(tmp_path / 'CamVid')
   b = datasets.prepare('camvid', str(tmp_path / 'tfds'), manual_dir=str(root))
   lab = datasets.data_source(b, 'val')[2]['label'][..., 0]
-  raw = np.asarray(Image.open(root / 'valannot' / 'val_002.png'))
+  raw = _png(root / 'valannot' / 'val_002.png')
   np.testing.assert_array_equal(lab, np.where(raw == 11, 255, raw))
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import pytest
 
@@ -107,10 +108,10 @@ def test_largest_batch_search(monkeypatch):
   def fake_programs(config, topo, batch):
     return {'train': (batch, None)}
 
-  def fake_compile(batch, args, label=''):
+  def fake_compile(batch, args, label='', cache_dir=None):
     compiled.append(batch)
     if batch > 100:
-      raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
+      raise dryrun.OutOfMemory('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm')
     return {'memory': {'total_bytes': 1000 + 37 * batch}}
 
   monkeypatch.setattr(dryrun, 'programs', fake_programs)
@@ -131,11 +132,63 @@ def test_largest_batch_search(monkeypatch):
   found = dryrun.largest_batch(None, topo, hbm_per_device=10**9, start=64)
   assert found['batch'] == 100 and compiled[:2] == [64, 128] and len(compiled) <= 9
 
-  def broken(batch, args, label=''):
+  def broken(batch, args, label='', cache_dir=None):
     raise RuntimeError('INVALID_ARGUMENT: something else')
   monkeypatch.setattr(dryrun, 'compile_stats', broken)
   with pytest.raises(RuntimeError, match='something else'):  # only OOM means "does not fit"
     dryrun.largest_batch(None, topo, hbm_per_device=10**9, start=8)
+
+
+def _sum_over_devices(n):
+  mesh = sharding.make_mesh(n)
+  x = jax.ShapeDtypeStruct((n, 64), jnp.float32, sharding=sharding.batch_sharding(mesh))
+  return jax.jit(lambda a: a.sum(0)), (x,)
+
+
+def test_compile_results_are_reused_only_for_the_same_program(tmp_path, monkeypatch, capsys):
+  cache = str(tmp_path / 'cache')
+  first = dryrun.compile_stats(*_sum_over_devices(4), cache_dir=cache)
+  again = dryrun.compile_stats(*_sum_over_devices(4), cache_dir=cache)
+  assert not first['cached'] and again['cached'] and 'compiled before' in capsys.readouterr().out
+  for key in ('memory', 'flops', 'compile_s', 'collectives'):
+    assert again[key] == first[key]
+  assert first['collectives']['all-reduce']['count'] >= 1  # counted again from the stored HLO
+  assert not dryrun.compile_stats(*_sum_over_devices(8), cache_dir=cache)['cached']  # new mesh
+  version = dryrun.importlib.metadata.version
+  monkeypatch.setattr(dryrun.importlib.metadata, 'version',
+                      lambda d: '0.0.0' if d == 'jaxlib' else version(d))
+  assert not dryrun.compile_stats(*_sum_over_devices(4), cache_dir=cache)['cached']  # compiler
+
+
+def test_out_of_memory_verdict_is_kept(tmp_path):
+  """A compile that runs out of memory is an answer too; the next search does not repeat it."""
+  calls = []
+
+  class Lowered:
+    def as_text(self):
+      return 'module @too_big'
+
+    def compile(self):
+      calls.append(1)
+      raise RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20G')
+
+  class Jitted:
+    def lower(self, *args):
+      return Lowered()
+
+  args = _sum_over_devices(2)[1]
+  for _ in range(2):
+    with pytest.raises(dryrun.OutOfMemory, match='Used 20G'):
+      dryrun.compile_stats(Jitted(), args, cache_dir=str(tmp_path))
+  assert calls == [1]
+
+  class Broken(Lowered):
+    def compile(self):
+      raise RuntimeError('INVALID_ARGUMENT: not a memory problem')
+  Jitted.lower = lambda self, *a: Broken()
+  with pytest.raises(RuntimeError, match='INVALID_ARGUMENT'):
+    dryrun.compile_stats(Jitted(), args, cache_dir=str(tmp_path / 'b'))
+  assert not list((tmp_path / 'b').rglob('*.json'))  # other errors are not remembered
 
 
 def test_one_process_feeds_the_whole_batch():
