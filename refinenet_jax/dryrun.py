@@ -32,7 +32,7 @@ import time
 import jax
 import numpy as np
 
-from refinenet_jax import hardware, optim, sharding, train, xla_stats
+from refinenet_jax import config_rules, hardware, optim, sharding, train, xla_stats
 from refinenet_jax.data import datasets, transforms
 
 DEFAULT_CACHE = os.path.join('~', '.cache', 'refinenet_jax')
@@ -95,6 +95,7 @@ def programs(config, topo: Topology, batch_per_device: int,
              eval_batch_per_device: int | None = None) -> dict:
   """{'train': (jitted step, abstract args), 'eval': ...} for ``config`` on ``topo``'s devices,
   built by the trainer's own functions. The eval bucket is ``config.eval_size`` or the crop."""
+  config_rules.check(config)
   model = train.build_model(config)
   mesh = sharding.make_mesh(config.num_devices, topo.devices)
   batch = batch_per_device * mesh.size

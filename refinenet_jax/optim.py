@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import optax
 
-_OPTIMIZERS = ('sgd', 'adamw')
+OPTIMIZERS = ('sgd', 'adamw')
 
 
 def learning_rate_fn(config):
@@ -62,8 +62,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
   Clipping sees the global norm of the (accumulated) gradient of all parameters.
   """
   name = getattr(config, 'optimizer', 'sgd')
-  if name not in _OPTIMIZERS:
-    raise ValueError(f'unknown optimizer {name!r}; valid: {_OPTIMIZERS}')
+  if name not in OPTIMIZERS:
+    raise ValueError(f'unknown optimizer {name!r}; valid: {OPTIMIZERS}')
   schedule = learning_rate_fn(config)
   mult = float(getattr(config, 'encoder_lr_mult', 1.0))
   tx = optax.multi_transform(

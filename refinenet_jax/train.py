@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refinenet_jax import checkpoint, metrics, optim, sharding, steps, writers
+from refinenet_jax import checkpoint, config_rules, metrics, optim, sharding, steps, writers
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.folder import FolderConfig
 from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
@@ -152,6 +152,7 @@ def _checkpoint_meta(config, model) -> dict:
 
 def setup(config, workdir: str, splits=('train', 'eval')):
   """Everything a run needs, as a dict (used by train, eval and predict modes)."""
+  config_rules.check(config)
   check_workdir(workdir)
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_size(config.batch_size, mesh)
