@@ -168,7 +168,8 @@ def _mode_case(mode):
   if mode == 'RGB':
     return Image.fromarray(image), 'png', image
   if mode == 'RGBA':
-    return Image.fromarray(np.concatenate([image, _ALPHA[..., None]], -1), mode='RGBA'), 'png', image
+    rgba = np.concatenate([image, _ALPHA[..., None]], -1)
+    return Image.fromarray(rgba, mode='RGBA'), 'png', image
   if mode == 'CMYK':
     return Image.fromarray(image).convert('CMYK'), 'tif', image
   if mode == 'CMYK JPEG':

@@ -125,7 +125,7 @@ def _scale_16bit(values: np.ndarray) -> np.ndarray:
 
 
 def _integer_gray(values: np.ndarray, mode: str, source: str) -> np.ndarray:
-  lo, hi = (int(values.min(initial=0)), int(values.max(initial=0)))
+  lo, hi = int(values.min()), int(values.max())
   if lo >= 0 and hi <= 255:
     return values.astype(np.uint8)
   if lo >= 0 and hi <= 65535:
@@ -138,7 +138,7 @@ def _integer_gray(values: np.ndarray, mode: str, source: str) -> np.ndarray:
 def _float_gray(values: np.ndarray, source: str) -> np.ndarray:
   if not np.isfinite(values).all():
     raise DatasetError(f'image {source} (PIL mode \'F\') has NaN or infinite values')
-  lo, hi = (float(values.min(initial=0)), float(values.max(initial=0)))
+  lo, hi = float(values.min()), float(values.max())
   if lo >= 0 and hi <= 1:
     return np.rint(values * 255).astype(np.uint8)
   if lo >= 0 and hi <= 255:

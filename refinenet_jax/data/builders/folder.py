@@ -28,8 +28,7 @@ MAX_CLASSES = base.IGNORE_LABEL  # ids 0..254; 255 is the ignore value
 
 @dataclasses.dataclass(eq=False)
 class FolderConfig(tfds.core.BuilderConfig):
-  """``name``: dataset name (its build folder under data_dir is ``<name>-<root hash>``);
-  ``root``: the data folder."""
+  """``name``: the dataset's name (build folder ``<name>-<root hash>``); ``root``: its folder."""
   root: str = ''
 
 
