@@ -26,7 +26,8 @@ def main(argv=None) -> int:
   p.add_argument('--manual_dir', default=None, help='the extracted official archives')
   p.add_argument('--config', default=None, help="builder config, e.g. voc2012 'aug'")
   p.add_argument('--root', default=None, help='folder dataset: its root')
-  p.add_argument('--name', default=None, help='folder dataset: its name under data_dir')
+  p.add_argument('--name', default=None,
+                 help='folder dataset: its name (build folder <name>-<hash of the root>)')
   p.add_argument('--list', action='store_true', help='list datasets and their layouts')
   a = p.parse_args(argv)
   if a.list or not a.dataset:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -68,14 +69,29 @@ def get_builder(name: str, data_dir: str | None = None, config=None,
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None, config=None,
             **kwargs) -> base.SegmentationBuilder:
-  """Builds the dataset once (a no-op when already built) and returns its builder."""
+  """Builds the dataset once and returns its builder.
+
+  A build made from a folder (``manual_dir``, or a folder dataset's root) is reused only while
+  that folder is the one it was built from and its files are unchanged (``base.source_record``);
+  otherwise its build directory is deleted and rebuilt, saying why on one line. Without
+  ``manual_dir`` a manual dataset's existing build is used as it is.
+  """
   builder = get_builder(name, data_dir, config, **kwargs)
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS is not None and manual_dir is None:
     if not builder.is_prepared():
       raise ValueError(f'{name} is not built in {builder.data_dir}; pass manual_dir=<folder with '
                        f'the extracted archives>:\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+  root = builder.source_root(manual_dir)
+  if root is not None and builder.is_prepared():
+    base.require_dir(root, f'source folder of {name}')  # a wrong path must not delete a build
+    change = base.source_change(base.read_source_record(builder.data_path),
+                                base.source_record(root, exclude=builder.data_dir_root))
+    if change:
+      print(f'{name}: {change}: rebuilding {builder.data_path}')
+      shutil.rmtree(builder.data_path)  # the version directory tfds wrote for this build only
+      builder = get_builder(name, data_dir, config, **kwargs)  # not the old build's cached info
   download_config = tfds.download.DownloadConfig(
-      manual_dir=os.path.expanduser(manual_dir) if manual_dir else None,
+      manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None,
       try_download_gcs=False)
   builder.download_and_prepare(download_config=download_config)
   return builder

@@ -10,12 +10,18 @@ palette PNGs to BGR colours.
 Everything is validated while building: a file that cannot be decoded, a mask whose size differs
 from its image, a label value that is neither a class id nor the ignore value, a missing file or
 split list raises :class:`DatasetError` naming the file. Nothing is skipped.
+
+A build from a folder (``manual_dir``, or a folder dataset's root) stores :func:`source_record`
+of that folder next to its ArrayRecord files, so ``datasets.prepare`` can tell a reusable build
+from one made from other or since-edited files.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import io
+import json
 import os
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -24,6 +30,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 IGNORE_LABEL = 255
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+SOURCE_FILE = 'source.json'  # in the build directory: what the build was made from
+CLASSES_FILE = 'classes.txt'
 
 
 class DatasetError(ValueError):
@@ -110,6 +119,67 @@ def _open_image(data: bytes, source: str) -> Image.Image:
   return im
 
 
+def _scale_16bit(values: np.ndarray) -> np.ndarray:
+  """0..65535 -> 0..255, rounded (32768 -> 128)."""
+  return ((values.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _integer_gray(values: np.ndarray, mode: str, source: str) -> np.ndarray:
+  lo, hi = int(values.min()), int(values.max())
+  if lo >= 0 and hi <= 255:
+    return values.astype(np.uint8)
+  if lo >= 0 and hi <= 65535:
+    return _scale_16bit(values)
+  raise DatasetError(f'image {source} has PIL mode {mode!r} with values {lo}..{hi}; only 0..255 '
+                     '(8-bit) or 0..65535 (16-bit) map to RGB without clipping: save it as an '
+                     '8- or 16-bit image')
+
+
+def _float_gray(values: np.ndarray, source: str) -> np.ndarray:
+  if not np.isfinite(values).all():
+    raise DatasetError(f'image {source} (PIL mode \'F\') has NaN or infinite values')
+  lo, hi = float(values.min()), float(values.max())
+  if lo >= 0 and hi <= 1:
+    return np.rint(values * 255).astype(np.uint8)
+  if lo >= 0 and hi <= 255:
+    return np.rint(values).astype(np.uint8)
+  raise DatasetError(f'image {source} (PIL mode \'F\') has values {lo:g}..{hi:g}; only 0..1 or '
+                     '0..255 map to RGB without clipping: rescale it and save it as an 8-bit image')
+
+
+def to_rgb(image: Image.Image, source: str) -> np.ndarray:
+  """An (H, W, 3) uint8 RGB array of a decoded image, each PIL mode read by its real range.
+
+  PIL's ``convert('RGB')`` clips wider modes to 0..255 (a 16-bit image turns almost all white),
+  so they are scaled here: 16-bit by 255/65535; 32-bit integer ('I') kept if within 0..255,
+  scaled as 16-bit if within 0..65535; float ('F') scaled by 255 if within 0..1, rounded if
+  within 0..255. Anything else is refused (DatasetError naming ``source``), never clipped.
+  Alpha is dropped; palette, 1-bit, CMYK, YCbCr... go through PIL's exact 8-bit conversions.
+  """
+  mode = image.mode
+  if mode == 'I' or mode.startswith('I;'):
+    values = np.asarray(image)
+    gray = (_scale_16bit(values) if values.dtype.kind == 'u' and values.dtype.itemsize == 2
+            else _integer_gray(values, mode, source))
+  elif mode == 'F':
+    gray = _float_gray(np.asarray(image, np.float64), source)
+  else:
+    try:  # palettes via RGBA: PIL warns when a palette's transparency is dropped directly
+      rgb = image.convert('RGBA' if mode in ('P', 'PA') else 'RGB')
+    except (ValueError, OSError) as e:
+      raise DatasetError(f'image {source} has PIL mode {mode!r}, which PIL cannot convert to '
+                         f'RGB ({e}); save it as RGB') from e
+    return np.ascontiguousarray(np.asarray(rgb, np.uint8)[..., :3])
+  return np.repeat(gray[..., None], 3, axis=2)
+
+
+def _is_8bit_rgb_file(im: Image.Image, data: bytes) -> bool:
+  """JPEG, or PNG of 8-bit truecolour (PIL also reads 16-bit RGB PNGs as mode 'RGB')."""
+  if im.mode != 'RGB':
+    return False
+  return im.format == 'JPEG' or (im.format == 'PNG' and data[24:26] == b'\x08\x02')
+
+
 def encode_image(image, source: str) -> tuple[bytes, tuple[int, int]]:
   """Validated RGB bytes and (height, width); original bytes kept for 8-bit RGB JPEG/PNG."""
   if callable(image):
@@ -121,11 +191,72 @@ def encode_image(image, source: str) -> tuple[bytes, tuple[int, int]]:
   else:
     data = bytes(image)
   im = _open_image(data, source)
-  if im.mode == 'RGB' and im.format in ('JPEG', 'PNG'):
+  if _is_8bit_rgb_file(im, data):
     return data, (im.height, im.width)
-  buf = io.BytesIO()  # grayscale, CMYK, palette, RGBA, 16-bit, BMP...: store as RGB PNG
-  im.convert('RGB').save(buf, format='PNG')
+  buf = io.BytesIO()  # grayscale, 16-bit, float, CMYK, palette, RGBA, BMP, TIFF...: RGB PNG
+  Image.fromarray(to_rgb(im, source)).save(buf, format='PNG')
   return buf.getvalue(), (im.height, im.width)
+
+
+def source_record(root, exclude=None) -> dict:
+  """What a build from folder ``root`` reads, to tell later whether the build is still current.
+
+  Every file under ``root`` (hidden ones skipped, links followed) by relative path -> [size,
+  mtime_ns], the sha256 of ``classes.txt`` (None if absent), and ``fingerprint``: the sha256 of
+  both. ``exclude`` (a data_dir inside ``root``) is skipped so that building does not change it.
+  """
+  root = os.path.abspath(os.path.expanduser(os.fspath(root)))
+  skip = {os.path.realpath(exclude)} if exclude else set()
+  files, seen = {}, set()
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen or real in skip:  # a linked cycle, or the data_dir itself
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+    for name in filenames:
+      path = os.path.join(dirpath, name)
+      if name.startswith('.') or not os.path.isfile(path):  # hidden, or a dangling link
+        continue
+      st = os.stat(path)
+      files[os.path.relpath(path, root).replace(os.sep, '/')] = [st.st_size, st.st_mtime_ns]
+  classes_path = os.path.join(root, CLASSES_FILE)
+  classes = None
+  if os.path.isfile(classes_path):
+    with open(classes_path, 'rb') as f:
+      classes = hashlib.sha256(f.read()).hexdigest()
+  digest = hashlib.sha256(json.dumps([sorted(files.items()), classes]).encode()).hexdigest()
+  return {'root': root, 'fingerprint': digest, 'classes_sha256': classes, 'files': files}
+
+
+def read_source_record(build_dir) -> dict | None:
+  """The :func:`source_record` stored in a build directory; None if absent or unreadable."""
+  try:
+    with open(os.path.join(os.fspath(build_dir), SOURCE_FILE)) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record if isinstance(record, dict) and 'fingerprint' in record else None
+
+
+def source_change(stored: dict | None, current: dict) -> str:
+  """What differs between a build's stored source record and the folder now ('' if nothing)."""
+  if stored is None:
+    return 'no record of its source folder (built by an older version)'
+  if stored.get('root') != current['root']:
+    return f'built from {stored.get("root")}, not {current["root"]}'
+  if stored['fingerprint'] == current['fingerprint']:
+    return ''
+  old, new = stored.get('files', {}), current['files']
+  counts = (('added', len(new.keys() - old.keys())), ('removed', len(old.keys() - new.keys())),
+            ('modified', sum(1 for k in new.keys() & old.keys() if new[k] != old[k])))
+  counts = [(n, what) for what, n in counts if n]
+  parts = [f'{n} {"file" if n == 1 else "files"} {what}' if i == 0 else f'{n} {what}'
+           for i, (n, what) in enumerate(counts)]  # '3 files added, 1 modified'
+  if stored.get('classes_sha256') != current['classes_sha256']:
+    parts.append(f'{CLASSES_FILE} changed')
+  return ', '.join(parts) or 'files changed'
 
 
 def read_index_png(path) -> np.ndarray:
@@ -236,18 +367,29 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     """Stored mask values -> training ids (e.g. Cityscapes labelIds -> trainIds)."""
     return raw
 
+  def source_root(self, manual_dir=None) -> str | None:
+    """The absolute folder a build reads: ``manual_dir``; None for generated data."""
+    if self.MANUAL_DOWNLOAD_INSTRUCTIONS is None or manual_dir is None:
+      return None
+    return os.path.abspath(os.path.expanduser(os.fspath(manual_dir)))
+
   def _root(self, dl_manager) -> str | None:
     if self.MANUAL_DOWNLOAD_INSTRUCTIONS is None:
       return None
     try:
-      root = os.fspath(dl_manager.manual_dir)
+      root = self.source_root(dl_manager.manual_dir)
     except AssertionError as e:  # tfds asserts the folder exists and is not empty
       raise DatasetError(f'manual_dir for {self.name} is missing or empty: {e}\n'
                          f'{self.MANUAL_DOWNLOAD_INSTRUCTIONS}') from e
     return require_dir(root, f'manual_dir for {self.name} (see its MANUAL_DOWNLOAD_INSTRUCTIONS)')
 
   def _split_generators(self, dl_manager):
-    splits = self._examples(self._root(dl_manager))
+    root = self._root(dl_manager)
+    if root is not None:  # recorded before reading: a file edited during the build is caught later
+      record = source_record(root, exclude=self.data_dir_root)
+      # data_path is the temporary build directory here, renamed into place with the data
+      (self.data_path / SOURCE_FILE).write_text(json.dumps(record))
+    splits = self._examples(root)
     # List every split eagerly so a missing split list fails before anything is written.
     return {split: self._generate_examples(list(examples)) for split, examples in splits.items()}
 

@@ -3,16 +3,19 @@
 Layout under the config's ``root``::
 
   classes.txt                      one class name per line, in id order (at most 255)
-  images/<split>/<stem>.{jpg,jpeg,png,bmp}
+  images/<split>/<stem>.{jpg,jpeg,png,bmp,tif,tiff}
   masks/<split>/<stem>.png         palette or grayscale PNG of class ids, 255 = ignore
 
 The splits are the subdirectories of ``images/`` (e.g. train, val). Every image needs a mask and
 every mask an image. Use ``Folder(config=FolderConfig(name='mydata', root='/path/to/root'))``;
-the config name is the dataset's folder under data_dir.
+the build lives in ``<data_dir>/folder/mydata-<hash of the absolute root>/``, so two roots with
+the same name never share a build, and ``datasets.prepare`` rebuilds it when the root's files
+change (see ``base.source_record``).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 
@@ -20,13 +23,12 @@ import tensorflow_datasets as tfds
 
 from refinenet_jax.data.builders import base
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 MAX_CLASSES = base.IGNORE_LABEL  # ids 0..254; 255 is the ignore value
 
 
 @dataclasses.dataclass(eq=False)
 class FolderConfig(tfds.core.BuilderConfig):
-  """``name``: dataset name (folder under data_dir); ``root``: the data folder."""
+  """``name``: the dataset's name (build folder ``<name>-<root hash>``); ``root``: its folder."""
   root: str = ''
 
 
@@ -74,15 +76,22 @@ class Folder(base.SegmentationBuilder, skip_registration=True):
     if not isinstance(config, FolderConfig) or not config.root:
       raise ValueError('Folder needs config=FolderConfig(name=..., root=...), got '
                        f'{config!r}')
-    self.CLASS_NAMES = read_classes(os.path.join(os.path.expanduser(config.root), 'classes.txt'))
+    root = os.path.abspath(os.path.expanduser(config.root))
+    suffix = '-' + hashlib.sha256(root.encode()).hexdigest()[:8]
+    if not config.name.endswith(suffix):  # one build per root, whatever its name
+      config = dataclasses.replace(config, name=config.name + suffix, root=root)
+    self.CLASS_NAMES = read_classes(os.path.join(root, base.CLASSES_FILE))
     super().__init__(config=config, **kwargs)
 
   @property
   def class_names(self) -> tuple[str, ...]:
     return tuple(self.CLASS_NAMES)
 
+  def source_root(self, manual_dir=None) -> str:
+    return os.path.abspath(os.path.expanduser(self.builder_config.root))
+
   def _root(self, dl_manager):
-    return base.require_dir(os.path.expanduser(self.builder_config.root), 'dataset root')
+    return base.require_dir(self.source_root(), 'dataset root')
 
   def _examples(self, root):
     image_root = base.require_dir(os.path.join(root, 'images'), 'image dir')
@@ -95,7 +104,7 @@ class Folder(base.SegmentationBuilder, skip_registration=True):
       if not re.fullmatch(r'\w+', split):
         raise base.DatasetError(f'split directory {os.path.join(image_root, split)}: split names '
                                 'must be letters, digits and underscores')
-      images = _stems(os.path.join(image_root, split), 'image', IMAGE_EXTENSIONS)
+      images = _stems(os.path.join(image_root, split), 'image', base.IMAGE_EXTENSIONS)
       mask_dir = base.require_dir(os.path.join(root, 'masks', split), f'{split} mask dir')
       masks = _stems(mask_dir, 'mask', ('.png',))
       for stem, image in images.items():
