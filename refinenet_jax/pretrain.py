@@ -21,6 +21,7 @@ import optax
 from flax import traverse_util
 
 from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
+from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS
 from refinenet_jax.models.backbones import RESNET_STAGES, ResNet
 from refinenet_jax.models.exfuse import ExFuse, SSBranch
 from refinenet_jax.models.preprocessing import normalize_images
@@ -94,9 +95,6 @@ def image_level_targets(labels, num_classes: int, ignore_label: int = 255):
   labels = jnp.asarray(labels).astype(jnp.int32)
   hot = jax.nn.one_hot(jnp.where(labels == ignore_label, -1, labels), num_classes)
   return hot.max(axis=(1, 2))
-
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
 def list_image_folder(root: str):
