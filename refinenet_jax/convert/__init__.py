@@ -9,8 +9,8 @@ from refinenet_jax.convert import fcn_torch, refinenet_torch, torchvision_seg
 from refinenet_jax.convert.orbax_io import load_converted, save_converted
 from refinenet_jax.convert.refinenet_torch import (CheckpointMismatchError, export_state_dict,
                                                   unwrap_state_dict)
-from refinenet_jax.convert.torch_io import (CheckpointFormatError, load_torch_checkpoint,
-                                           save_torch_state_dict)
+from refinenet_jax.convert.torch_io import (CheckpointFormatError, UnsafeCheckpointError,
+                                           load_torch_checkpoint, save_torch_state_dict)
 
 _MODULES = {name: module for module in (refinenet_torch, fcn_torch, torchvision_seg)
             for name in module.LAYOUTS}
@@ -25,6 +25,6 @@ def import_state_dict(model, state_dict, layout: str = 'drsleep', *, rng=None, *
   return _MODULES[layout].import_state_dict(model, state_dict, layout, rng=rng, **kwargs)
 
 
-__all__ = ['LAYOUTS', 'CheckpointMismatchError', 'CheckpointFormatError', 'export_state_dict',
-           'import_state_dict', 'unwrap_state_dict', 'load_torch_checkpoint',
+__all__ = ['LAYOUTS', 'CheckpointMismatchError', 'CheckpointFormatError', 'UnsafeCheckpointError',
+           'export_state_dict', 'import_state_dict', 'unwrap_state_dict', 'load_torch_checkpoint',
            'save_torch_state_dict', 'load_converted', 'save_converted']

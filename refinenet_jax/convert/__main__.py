@@ -15,7 +15,7 @@ import sys
 import jax
 
 from refinenet_jax.convert import LAYOUTS, import_state_dict
-from refinenet_jax.convert.orbax_io import save_converted
+from refinenet_jax.convert.orbax_io import check_new_output, save_converted
 from refinenet_jax.models import create_model, list_models
 
 
@@ -26,10 +26,15 @@ def main(argv=None):
   p.add_argument('--num_classes', type=int, required=True)
   p.add_argument('--layout', required=True, choices=sorted(LAYOUTS))
   p.add_argument('--checkpoint', required=True, help='.pth/.pt file written by torch.save')
-  p.add_argument('--output', required=True, help='directory for the orbax checkpoint')
+  p.add_argument('--output', required=True,
+                 help='new directory for the orbax checkpoint (must not exist)')
   p.add_argument('--overrides', default='{}', help='JSON dict of model field overrides')
   p.add_argument('--seed', type=int, default=0, help='decoder init seed (encoder-only layouts)')
   a = p.parse_args(argv)
+  try:  # before any conversion work, which can take minutes for a large model
+    check_new_output(a.output)
+  except FileExistsError as e:
+    p.error(str(e))
   overrides = json.loads(a.overrides)
   model = create_model(a.model, a.num_classes, **overrides)
   variables = import_state_dict(model, a.checkpoint, a.layout, rng=jax.random.key(a.seed))

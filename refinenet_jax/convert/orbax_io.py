@@ -16,14 +16,26 @@ from refinenet_jax.models import create_model
 META = 'refinenet_jax_model.json'
 
 
+def check_new_output(path) -> str:
+  """Absolute ``path``; raises ``FileExistsError`` if something is there: a conversion never
+  writes over (or deletes) an existing file or directory."""
+  path = os.path.abspath(os.fspath(path))
+  if os.path.lexists(path):
+    kind = 'directory' if os.path.isdir(path) else 'file'
+    raise FileExistsError(f'output {path} already exists (a {kind}); pass a new path, or remove '
+                          'it yourself first: converted weights are never written over it')
+  return path
+
+
 def save_converted(path, variables, *, model_name: str, num_classes: int, overrides=None,
                    source: str = ''):
-  """Writes ``variables`` under ``path/variables`` and the model spec to ``path/META``."""
-  path = os.path.abspath(os.fspath(path))
+  """Writes ``variables`` under ``path/variables`` and the model spec to ``path/META``;
+  ``path`` must not exist yet (see :func:`check_new_output`)."""
+  path = check_new_output(path)
   model = create_model(model_name, num_classes, **(overrides or {}))
-  os.makedirs(path, exist_ok=True)
+  os.makedirs(path)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, 'variables'), jax.tree.map(np.asarray, variables), force=True)
+    ckptr.save(os.path.join(path, 'variables'), jax.tree.map(np.asarray, variables))
     ckptr.wait_until_finished()
   meta = {'model': model_name, 'num_classes': num_classes, 'overrides': overrides or {},
           'normalization': model.normalization, 'source': source}

@@ -25,6 +25,7 @@ _DTYPES = {
 _STORAGE_OF = {np.dtype(v): k for k, v in _DTYPES.items() if not isinstance(v, str)}
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _LEGACY_PROTOCOL = 1001
+_ZIP_MAGIC = b'PK\x03\x04'
 
 
 class CheckpointFormatError(ValueError):
@@ -60,10 +61,9 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
   return data
 
 
+_REBUILD_TENSOR = (('torch._utils', '_rebuild_tensor_v2'), ('torch._utils', '_rebuild_tensor'))
 _ALLOWED = {
     ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
     ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
     ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
     ('builtins', 'set'): set, ('builtins', 'frozenset'): frozenset,
@@ -72,19 +72,38 @@ _ALLOWED = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class UnsafeCheckpointError(CheckpointFormatError):
+  """The file asks to import a global a state dict never needs: loading it could run code."""
 
-  def __init__(self, f, load_storage):
+
+def _refuse_storage(pid):
+  raise pickle.UnpicklingError(f'persistent id {pid!r} outside the tensor data')
+
+
+class _Unpickler(pickle.Unpickler):
+  """The one unpickler for checkpoint data: only the globals of a torch state dict resolve.
+
+  Every pickle of both formats (legacy header values, object, storage keys; zip ``data.pkl``)
+  goes through it, so no pickle opcode can reach an arbitrary callable.
+  """
+
+  def __init__(self, f, path, load_storage=_refuse_storage, rebuild_tensor=_rebuild_tensor):
     super().__init__(f, encoding='utf-8')
+    self._path = path
     self._load_storage = load_storage
+    self._rebuild_tensor = rebuild_tensor
 
   def find_class(self, module, name):
     if module == 'torch' and name in _DTYPES:
       return _StorageType(name)
+    if (module, name) in _REBUILD_TENSOR:
+      return self._rebuild_tensor
     if (module, name) in _ALLOWED:
       return _ALLOWED[(module, name)]
-    raise pickle.UnpicklingError(f'refusing to load global {module}.{name} from a checkpoint '
-                                 '(only tensors and containers are allowed)')
+    raise UnsafeCheckpointError(
+        f'{self._path}: refusing to load global {module}.{name}: weights are data, not code '
+        '(only tensors, containers and plain values are allowed); the file is not a plain '
+        'state dict or was tampered with, so get it from a trusted source')
 
   def persistent_load(self, pid):
     kind = pid[0].decode() if isinstance(pid[0], bytes) else pid[0]
@@ -119,18 +138,18 @@ def _load_zip(path) -> Any:
         cache[key] = np.frombuffer(raw, dt).astype(stype.dtype)
       return cache[key]
 
-    return _Unpickler(io.BytesIO(zf.read(pkl[0])), load_storage).load()
+    return _Unpickler(io.BytesIO(zf.read(pkl[0])), path, load_storage).load()
 
 
 def _load_legacy(path) -> Any:
   with open(path, 'rb') as f:
     try:
-      magic = pickle.load(f)
+      magic = _Unpickler(f, path).load()
       if magic != _LEGACY_MAGIC:
         raise CheckpointFormatError(f'{path}: not a PyTorch checkpoint (bad magic number)')
-      if pickle.load(f) != _LEGACY_PROTOCOL:
+      if _Unpickler(f, path).load() != _LEGACY_PROTOCOL:
         raise CheckpointFormatError(f'{path}: unsupported legacy protocol version')
-      pickle.load(f)  # sys_info
+      _Unpickler(f, path).load()  # sys_info
     except (pickle.UnpicklingError, EOFError, ValueError) as e:
       if isinstance(e, CheckpointFormatError):
         raise
@@ -153,17 +172,13 @@ def _load_legacy(path) -> Any:
       pending.append(out)
       return out
 
-    class Legacy(_Unpickler):
-      def find_class(self, module, name):
-        if (module, name) in (('torch._utils', '_rebuild_tensor_v2'),
-                              ('torch._utils', '_rebuild_tensor')):
-          return rebuild
-        return super().find_class(module, name)
-
-    obj = Legacy(f, load_storage).load()
-    keys = pickle.load(f)
+    obj = _Unpickler(f, path, load_storage, rebuild).load()
+    keys = _Unpickler(f, path).load()
     data = {}
     for key in keys:
+      if key not in storages:
+        raise CheckpointFormatError(f'{path}: storage {key!r} is not used by any tensor: corrupt '
+                                    'file')
       dt, numel = storages[key]
       (n,) = struct.unpack('<q', f.read(8))
       raw = f.read(n * dt.itemsize)
@@ -205,10 +220,15 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'no checkpoint file at {path}')
-  if zipfile.is_zipfile(path):
+  with open(path, 'rb') as f:
+    is_zip = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+  if is_zip or zipfile.is_zipfile(path):
     try:
       return _load_zip(path)
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as e:
+    except (zipfile.BadZipFile, EOFError) as e:  # no central directory, short record, bad CRC
+      raise CheckpointFormatError(f'{path}: truncated or corrupt zip checkpoint ({e}); '
+                                  'download or save it again') from None
+    except pickle.UnpicklingError as e:
       raise CheckpointFormatError(f'{path}: corrupt PyTorch checkpoint ({e})') from None
   try:
     return _load_legacy(path)
