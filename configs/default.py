@@ -60,7 +60,8 @@ def get_config():
   c.eval_every = 0  # steps; 0 = only at the end
   c.eval_scales = (1.0,)  # the official multi-scale test: (0.4, 0.6, 0.8, 1.0, 1.2)
   c.eval_flip = False
-  c.eval_window = ()  # sliding-window size for images larger than the crop; () = whole image
+  c.eval_window = ()  # sliding window for images larger than the crop; () = whole image (crop
+  # windows when the default eval bucket exceeds train.EVAL_PIXELS_PER_DEVICE)
   c.eval_stride = ()  # () = 2/3 of the window
 
   # run

@@ -8,7 +8,11 @@ current mesh, so a checkpoint written on 8 devices restores onto 1.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
+from typing import Callable, Sequence
 
 import grain
 import jax
@@ -39,17 +43,49 @@ def _path(keys) -> str:
   return '/'.join(parts)
 
 
+SCORES_FILE = 'scores.json'
+
+
+def read_scores(directory: str) -> dict[int, float]:
+  """step -> val mIoU as recorded by :meth:`Checkpoints.record_score` ({} when none)."""
+  path = os.path.join(directory, SCORES_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {int(step): float(score) for step, score in json.load(f).items()}
+
+
+def best_scored(scores: dict[int, float], steps: Sequence[int]) -> int | None:
+  """The step among ``steps`` with the highest finite score (the later one on ties)."""
+  scored = [s for s in steps if s in scores and math.isfinite(scores[s])]
+  return max(scored, key=lambda s: (scores[s], s)) if scored else None
+
+
+@dataclasses.dataclass
+class KeepBestScored(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves the best-scored step (scores are recorded after the save, so orbax's BestN,
+  which reads metrics given at save time, cannot see them)."""
+  scores: Callable[[], dict[int, float]]
+
+  def should_preserve(self, checkpoints, *, context) -> Sequence[bool]:
+    best = best_scored(self.scores(), [c.step for c in checkpoints])
+    return [c.step == best for c in checkpoints]
+
+
 class Checkpoints:
-  """``save(step, state, data_iter, metrics=None)``, ``restore(abstract_state, data_iter)``."""
+  """``save(step, state, data_iter)``, ``record_score(step, miou)``, ``restore(abstract_state,
+  data_iter)``.
+
+  A step is saved before it is evaluated (a failing evaluation cannot lose it) and its val mIoU
+  recorded afterwards in ``scores.json``; the best-scored step and the latest ``keep`` survive.
+  """
 
   def __init__(self, directory: str, keep: int = 2, meta: dict | None = None):
     self.directory = os.path.abspath(directory)
     self.meta = meta or {}
+    self.scores = read_scores(self.directory)
     policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(n=keep),
-        ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['miou'], n=1,
-                                      keep_checkpoints_without_metrics=False),
-    ])
+        ocp.checkpoint_managers.LatestN(n=keep), KeepBestScored(lambda: self.scores)])
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -63,7 +99,22 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def best_step(self) -> int | None:
-    return self.manager.best_step()
+    """The saved step with the highest recorded val mIoU; None when no saved step has one."""
+    return best_scored(self.scores, self.manager.all_steps())
+
+  def record_score(self, step: int, miou: float) -> None:
+    """Records step's val mIoU (the ranking ``best_step`` and the keep policy use).
+
+    Every process keeps the scores (each runs the policy); process 0 writes the file, whole or
+    not at all (a temporary file renamed over it).
+    """
+    self.scores[int(step)] = float(miou)
+    if jax.process_index() == 0:
+      os.makedirs(self.directory, exist_ok=True)
+      path = os.path.join(self.directory, SCORES_FILE)
+      with open(path + '.tmp', 'w') as f:
+        json.dump({str(k): v for k, v in sorted(self.scores.items())}, f, indent=1)
+      os.replace(path + '.tmp', path)
 
   def save(self, step: int, state, data_iter, metrics: dict | None = None) -> None:
     self.manager.save(step, args=ocp.args.Composite(
@@ -116,7 +167,7 @@ def read_variables(directory: str, sharding) -> tuple[dict, dict]:
       'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    step = manager.best_step()
+    step = best_scored(read_scores(path), manager.all_steps())
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {path}')

@@ -3,10 +3,13 @@
   python -m refinenet_jax.main --workdir=runs/default [--config=configs/default.py]
       [--mode=train|eval|predict] [--config.num_steps=100 ...]
   python -m refinenet_jax.main --mode=predict --workdir=runs/default --input_dir=imgs --output_dir=out
+      [--overwrite]
 
 Multi-host: run the same command on every host; ``jax.distributed.initialize()`` picks up the
 cluster from the environment (TPU pods, SLURM) or from --coordinator/--num_processes/--process_id.
 """
+import sys
+
 import jax
 import tensorflow_datasets as tfds
 from absl import app, flags
@@ -21,6 +24,8 @@ _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                                 'eval/predict: which checkpoint of the workdir')
 _INPUT = flags.DEFINE_string('input_dir', None, 'predict: folder of images')
 _OUTPUT = flags.DEFINE_string('output_dir', None, 'predict: where masks and overlays go')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'predict: replace existing output files (refused otherwise)')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'call jax.distributed.initialize()')
 _COORDINATOR = flags.DEFINE_string('coordinator', None, 'host:port of process 0')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'number of processes')
@@ -46,7 +51,11 @@ def main(argv):
   else:
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError('--mode=predict needs --input_dir and --output_dir')
-    train.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value)
+    try:
+      train.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
+                    overwrite=_OVERWRITE.value)
+    except (train.PredictError, FileExistsError) as e:  # a message, not a traceback; exit 1
+      sys.exit(f'predict: {e}')
 
 
 if __name__ == '__main__':

@@ -27,6 +27,11 @@ from refinenet_jax.models import create_model
 
 TrainState = steps.TrainState
 
+# Without eval_window, an eval batch at the default bucket above this many pixels per device is
+# evaluated in crop-sized windows instead: ~8 GB of activations at ~1 KB per pixel (a ResNet-101
+# RefineNet forward pass in float32). One 6000x4000 photo alone is 24M pixels.
+EVAL_PIXELS_PER_DEVICE = 2 ** 23
+
 
 def check_workdir(workdir: str) -> None:
   """Fails now, not after an hour of training, if results could not be written."""
@@ -83,11 +88,47 @@ def make_data(config, normalization: str, splits=('train', 'eval')):
   if 'eval' in splits:
     eval_src = datasets.data_source(builder, config.eval_split)
     n_eval = len(eval_src)
-    eval_size = (tuple(config.eval_size) if config.eval_size
-                 else pipeline.max_image_size(eval_src))
+    eval_size = eval_bucket(config, datasets.image_sizes(builder, config.eval_split))
     eval_ds = pipeline.eval_dataset(eval_src, global_batch_size=config.eval_batch_size,
                                     eval_size=eval_size, **common)
   return info, train_ds, eval_ds, (n_train, n_eval, crop, eval_size)
+
+
+def eval_bucket(config, sizes) -> tuple[int, int]:
+  """``config.eval_size`` checked against every eval image's (name, h, w), or when unset the
+  smallest bucket holding them all: a misfit stops the run before training, not after it."""
+  fit = pipeline.bucket_for([(h, w) for _, h, w in sizes])
+  if not config.eval_size:
+    return fit
+  eh, ew = config.eval_size
+  too_big = [(i, name, h, w) for i, (name, h, w) in enumerate(sizes) if h > eh or w > ew]
+  if too_big:
+    listed = ', '.join(f'#{i} {name!r} {h}x{w}' for i, name, h, w in too_big[:5])
+    more = f' and {len(too_big) - 5} more' if len(too_big) > 5 else ''
+    raise ValueError(
+        f'{len(too_big)} of {len(sizes)} eval images ({config.dataset} {config.eval_split!r}) '
+        f'are larger than config.eval_size={eh}x{ew}: {listed}{more}. Evaluation batches pad '
+        f"whole images to eval_size; set --config.eval_size='({fit[0]},{fit[1]})' (or "
+        "--config.eval_size='()' to size it automatically), plus --config.eval_window='(h,w)' "
+        '(e.g. the crop size) to evaluate in windows if that is too big for memory.')
+  return tuple(config.eval_size)
+
+
+def eval_window(config, eval_size, crop, num_devices: int) -> tuple[int, int] | None:
+  """``config.eval_window``; else the crop size when the default bucket (the largest eval image)
+  puts more than EVAL_PIXELS_PER_DEVICE pixels of an eval batch on a device, else None."""
+  if config.eval_window:
+    return tuple(config.eval_window)
+  if config.eval_size:  # chosen explicitly: evaluated as asked
+    return None
+  per_device = -(-config.eval_batch_size // num_devices)
+  pixels = per_device * eval_size[0] * eval_size[1]
+  if pixels <= EVAL_PIXELS_PER_DEVICE:
+    return None
+  print(f'eval: {per_device} image(s) of up to {eval_size[0]}x{eval_size[1]} per device '
+        f'({pixels:,} pixels > {EVAL_PIXELS_PER_DEVICE:,}): evaluating in {crop[0]}x{crop[1]} '
+        'windows (the crop size); set --config.eval_window to choose', flush=True)
+  return tuple(crop)
 
 
 def _sync(name: str) -> None:
@@ -103,8 +144,9 @@ def create_train_state(rng, *, model, tx, input_shape) -> TrainState:
                            rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
 
 
-def _eval_kwargs(config, fill):
-  window = tuple(config.eval_window) or None
+def _eval_kwargs(config, fill, window=None):
+  """Inference settings of the config; ``window`` (setup's 'eval_window') overrides its own."""
+  window = window or tuple(config.eval_window) or None
   return dict(scales=tuple(config.eval_scales), flip=config.eval_flip, window=window,
               stride=tuple(config.eval_stride) or None, pad_value=tuple(float(f) for f in fill))
 
@@ -164,11 +206,13 @@ def setup(config, workdir: str, splits=('train', 'eval')):
                            input_shape=(1, *sizes[2], 3))
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
   state_sh = sharding.state_shardings(abstract, mesh)
+  window = eval_window(config, sizes[3], sizes[2], mesh.size) if eval_ds is not None else None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints,
                                  meta=_checkpoint_meta(config, model))
   return dict(mesh=mesh, model=model, info=info, train_ds=train_ds, eval_ds=eval_ds,
-              sizes=sizes, init=init, abstract=abstract, state_sh=state_sh, ckpts=ckpts)
+              sizes=sizes, init=init, abstract=abstract, state_sh=state_sh, ckpts=ckpts,
+              eval_window=window)
 
 
 def loss_parts(metrics: dict, model) -> dict:
@@ -200,12 +244,13 @@ def make_train_step(config, model, mesh, state_sh, ignore_label: int = 255, wrap
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
-def make_eval_step(config, model, num_classes: int, ignore_label: int = 255):
-  """The jitted eval step (confusion matrix of a global batch) with the config's eval settings;
-  its shardings come from its arguments (``put_batch``'s, or ShapeDtypeStructs')."""
+def make_eval_step(config, model, num_classes: int, ignore_label: int = 255, window=None):
+  """The jitted eval step (confusion matrix of a global batch) with the config's eval settings
+  (``window``: setup's 'eval_window'); its shardings come from its arguments (``put_batch``'s,
+  or ShapeDtypeStructs')."""
   return jax.jit(functools.partial(
       steps.eval_step, model=model, num_classes=num_classes, ignore_label=ignore_label,
-      **_eval_kwargs(config, transforms.fill_value(model.normalization))))
+      **_eval_kwargs(config, transforms.fill_value(model.normalization), window)))
 
 
 def _init_variables(config, run) -> dict:
@@ -270,14 +315,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
         f'{mesh.size} device(s) on {jax.process_count()} process(es)', flush=True)
 
   step_fn = make_train_step(config, model, mesh, run['state_sh'], info.ignore_label)
-  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label)
-  predict_fn = jax.jit(functools.partial(steps.predict_step, model=model))
+  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label,
+                           run['eval_window'])
+  predict_fn = jax.jit(functools.partial(  # the panels show what is scored
+      steps.predict_step, model=model,
+      **_eval_kwargs(config, transforms.fill_value(model.normalization), run['eval_window'])))
   lr_fn = optim.learning_rate_fn(config)
   writer = writers.MetricWriter(workdir, tensorboard=config.tensorboard)
   total = config.num_steps * config.grad_accum_steps  # micro-steps
 
   def evaluate_now(step):
-    result = run_evaluation(state, eval_fn, run['eval_ds'], mesh, info.num_classes)
+    """Scores of the step just saved (``record_score`` ranks it once the evaluation is done)."""
+    try:
+      result = run_evaluation(state, eval_fn, run['eval_ds'], mesh, info.num_classes)
+    except BaseException:
+      ckpts.wait()  # the step saved before this evaluation is complete on disk
+      raise
     writer.scalars(step, {'eval/miou': result['miou'], 'eval/pixel_acc': result['pixel_acc'],
                           'eval/mean_acc': result['mean_acc'], 'eval/fw_iou': result['fw_iou']})
     batch = next(iter(run['eval_ds']))
@@ -306,7 +359,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for step in range(start + 1, total + 1):
       state, m = step_fn(state, sharding.put_batch(next(train_iter), mesh))
       log_now = step % config.log_every == 0 or step == total
-      # the last step is saved after the final evaluation, with its metrics
+      # the last step is saved after the loop, before the final evaluation
       save_now = config.checkpoint_every and step % config.checkpoint_every == 0 and step != total
       eval_now = config.eval_every and step % config.eval_every == 0 and step != total
       if log_now or save_now or eval_now:
@@ -324,24 +377,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
         history.append({'step': step, 'loss': float(m['loss'])})
         print(f'step {step}/{total}  loss {float(m["loss"]):.4f}  lr {lr:.2e}  '
               f'{rate:.1f} img/s  ETA {eta / 60:.1f} min', flush=True)
+      if save_now or eval_now:  # saved before it is evaluated: a failing evaluation loses nothing
+        ckpts.save(step, state, train_iter)
       if eval_now:
         result = evaluate_now(step)
-      if save_now or eval_now:
-        ckpts.save(step, state, train_iter,
-                   metrics={'miou': result['miou']} if eval_now else None)
+        ckpts.record_score(step, result['miou'])
       # across processes the flag is gathered only at log steps: a per-step host sync would
       # cost every step on a pod
       if (log_now or jax.process_count() == 1) and preemption.any_process():
-        if not save_now:
+        if not (save_now or eval_now):
           ckpts.save(step, state, train_iter)
         ckpts.wait()
         print(f'SIGTERM: saved step {step} to {ckpts.directory}; exiting', flush=True)
         writer.close()
         return {'preempted': True, 'step': step}
   train_time = time.time() - t0
-  result = evaluate_now(total)
   if ckpts.latest_step() != total:  # (a resumed, already finished run only re-evaluates)
-    ckpts.save(total, state, train_iter, metrics={'miou': result['miou']})
+    ckpts.save(total, state, train_iter)
+  result = evaluate_now(total)
+  ckpts.record_score(total, result['miou'])
   ckpts.wait()
   writer.flush()
   for name, iou in zip(info.class_names, result['per_class_iou']):
@@ -374,7 +428,8 @@ def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
   run = setup(config, workdir, splits=('eval',))
   state, step = _restore_for_inference(config, run, checkpoint)
   model, info = run['model'], run['info']
-  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label)
+  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label,
+                           run['eval_window'])
   t0 = time.time()
   result = run_evaluation(state, eval_fn, run['eval_ds'], run['mesh'], info.num_classes)
   for name, iou in zip(info.class_names, result['per_class_iou']):
@@ -392,13 +447,57 @@ def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 
 
-def predict(config, workdir: str, input_dir: str, output_dir: str,
-            checkpoint: str = 'best') -> list[str]:
-  """Colour-coded masks (``<name>_mask.png``) and overlays (``<name>_overlay.png``)."""
-  from PIL import Image
-  files = sorted(f for f in os.listdir(input_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+class PredictError(Exception):
+  """Some input images could not be read; every other image's outputs were written.
+
+  ``failures``: (path, reason) per bad image; ``written``: the output files.
+  """
+
+  def __init__(self, failures: list[tuple[str, str]], written: list[str]):
+    self.failures, self.written = failures, written
+    lines = ''.join(f'\n  {path}: {reason}' for path, reason in failures)
+    super().__init__(f'{len(failures)} image(s) failed (the other images\' outputs were '
+                     f'written):{lines}')
+
+
+def _predict_outputs(input_dir: str, output_dir: str) -> dict[str, tuple[str, str]]:
+  """Input image file -> its (mask, overlay) paths; directories and other files are skipped."""
+  if not os.path.isdir(input_dir):
+    raise FileNotFoundError(f'input_dir {input_dir} is not a folder')
+  names = sorted(f for f in os.listdir(input_dir) if f.lower().endswith(IMAGE_EXTENSIONS))
+  files = [f for f in names if os.path.isfile(os.path.join(input_dir, f))]
+  for f in sorted(set(names) - set(files)):
+    print(f'skipping {os.path.join(input_dir, f)}: not a file', flush=True)
   if not files:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {input_dir}')
+  outputs, by_stem = {}, {}
+  for name in files:
+    stem = os.path.splitext(name)[0]
+    if stem in by_stem:
+      raise ValueError(f'{by_stem[stem]} and {name} in {input_dir} would write the same '
+                       f'{stem}_mask.png / {stem}_overlay.png; rename one')
+    by_stem[stem] = name
+    outputs[name] = tuple(os.path.join(output_dir, f'{stem}_{suffix}.png')
+                          for suffix in ('mask', 'overlay'))
+  return outputs
+
+
+def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: str = 'best',
+            overwrite: bool = False) -> list[str]:
+  """Colour-coded masks (``<name>_mask.png``) and overlays (``<name>_overlay.png``).
+
+  Existing outputs are refused (all checked before the model is loaded) unless ``overwrite``.
+  An unreadable image does not stop the others: the bad ones are listed at the end and
+  :class:`PredictError` raised once every good image's outputs are written.
+  """
+  from PIL import Image
+  outputs = _predict_outputs(input_dir, output_dir)
+  existing = [p for pair in outputs.values() for p in pair if os.path.lexists(p)]
+  if existing and not overwrite:
+    listed = ', '.join(existing[:5]) + (f' and {len(existing) - 5} more' if len(existing) > 5
+                                        else '')
+    raise FileExistsError(f'{len(existing)} output file(s) exist: {listed}; pass '
+                          'overwrite=True (--overwrite) or choose another output_dir')
   os.makedirs(output_dir, exist_ok=True)
   run = setup(config, workdir, splits=())
   state, _ = _restore_for_inference(config, run, checkpoint)
@@ -407,21 +506,25 @@ def predict(config, workdir: str, input_dir: str, output_dir: str,
   state = jax.device_put(state, sharding.replicated(single))
   kwargs = _eval_kwargs(config, transforms.fill_value(model.normalization))
   predict_fn = jax.jit(functools.partial(steps.predict_step, model=model, **kwargs))
-  written = []
-  for name in files:
+  written, failures = [], []
+  for name, paths in outputs.items():
     path = os.path.join(input_dir, name)
     try:
       with Image.open(path) as im:
         image = np.asarray(im.convert('RGB'))
-    except Exception as e:
-      raise ValueError(f'cannot decode image {path}: {e}') from e
+    except Exception as e:  # PIL raises several types for damaged or unsupported files
+      failures.append((path, f'cannot decode image: {type(e).__name__}: {e}'))
+      continue
     pred = np.asarray(predict_fn(state, {'image': image[None]}))[0]
     colours = info.palette[pred]
-    stem = os.path.splitext(name)[0]
-    for suffix, array in (('mask', colours), ('overlay', writers.overlay(image, colours))):
-      out = os.path.join(output_dir, f'{stem}_{suffix}.png')
+    for out, array in zip(paths, (colours, writers.overlay(image, colours))):
       Image.fromarray(array).save(out)
       written.append(out)
-  print(f'wrote {len(written)} files for {len(files)} images to {output_dir}', flush=True)
   run['ckpts'].close()
+  print(f'wrote {len(written)} files for {len(outputs) - len(failures)} images to {output_dir}',
+        flush=True)
+  if failures:
+    for path, reason in failures:
+      print(f'FAILED {path}: {reason}', flush=True)
+    raise PredictError(failures, written)
   return written

@@ -7,12 +7,14 @@ points. ``prepare`` never touches the network: GCS lookup is off and the real da
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import shutil
 from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from refinenet_jax.data.builders import (ade20k, base, camvid, cityscapes, folder, nyudv2_40,
                                          pascal_context, person_part, sun_rgbd, synthetic_scenes,
@@ -109,3 +111,22 @@ def data_source(builder: base.SegmentationBuilder, split: str) -> Sequence[dict]
   if split not in builder.info.splits:
     raise KeyError(f'{builder.name} has no split {split!r}; it has {list(builder.info.splits)}')
   return builder.as_data_source(split)
+
+
+def image_sizes(builder: base.SegmentationBuilder, split: str) -> list[tuple[str, int, int]]:
+  """(name, height, width) of every example in order, from the stored label PNGs' headers.
+
+  Reads each record but decodes no pixels: the eval settings are checked before training at the
+  cost of one pass over the split's bytes.
+  """
+  data_source(builder, split)  # the missing-split message
+  skip = tfds.decode.SkipDecoding()
+  src = builder.as_data_source(split, decoders={'image': skip, 'label': skip})
+  out = []
+  for i in range(len(src)):
+    ex = src[i]
+    with Image.open(io.BytesIO(ex['label'])) as im:
+      w, h = im.size
+    name = ex['name']
+    out.append((name.decode() if isinstance(name, bytes) else str(name), h, w))
+  return out

@@ -83,8 +83,11 @@ def max_image_size(source: Sequence[dict], multiple: int = 32) -> tuple[int, int
 
   Decodes every label once; pass ``eval_size`` explicitly to skip this on big splits.
   """
-  h = w = 0
-  for i in range(len(source)):
-    lh, lw = source[i]['label'].shape[:2]
-    h, w = max(h, lh), max(w, lw)
+  return bucket_for([source[i]['label'].shape[:2] for i in range(len(source))], multiple)
+
+
+def bucket_for(sizes: Sequence[Sequence[int]], multiple: int = 32) -> tuple[int, int]:
+  """The smallest (h, w), multiples of ``multiple``, holding every (h, w) of ``sizes``."""
+  h = max((s[0] for s in sizes), default=0)
+  w = max((s[1] for s in sizes), default=0)
   return (-(-h // multiple) * multiple, -(-w // multiple) * multiple)
