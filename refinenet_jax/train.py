@@ -21,6 +21,7 @@ import numpy as np
 
 from refinenet_jax import checkpoint, config_rules, metrics, optim, sharding, steps, writers
 from refinenet_jax.data import datasets, pipeline, transforms
+from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax.data.builders.folder import FolderConfig
 from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
 from refinenet_jax.models import create_model
@@ -444,9 +445,6 @@ def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
   return result
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
-
-
 class PredictError(Exception):
   """Some input images could not be read; every other image's outputs were written.
 
@@ -511,7 +509,7 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
     path = os.path.join(input_dir, name)
     try:
       with Image.open(path) as im:
-        image = np.asarray(im.convert('RGB'))
+        image = to_rgb(im, path)  # 16-bit, float, CMYK... by their real range
     except Exception as e:  # PIL raises several types for damaged or unsupported files
       failures.append((path, f'cannot decode image: {type(e).__name__}: {e}'))
       continue

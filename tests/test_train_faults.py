@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from configs.tiny import get_config
-from refinenet_jax import checkpoint, metrics, steps, train
+from refinenet_jax import checkpoint, metrics, steps, train, writers
 from refinenet_jax.data.synthetic import make_synthetic_scenes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,6 +191,12 @@ def test_predict_reports_bad_images_and_never_overwrites(trained, tmp_path, monk
   written = train.predict(c, workdir, str(images), str(out), overwrite=True)
   assert len(written) == 4
   assert np.asarray(Image.open(out / 'img0_mask.png')).shape == (24, 40, 3)
+  # a 16-bit grey image is read by its range (32768 -> 128), not clipped to white
+  Image.fromarray(np.full((24, 40), 32768, np.uint16)).save(images / 'deep.png')
+  train.predict(c, workdir, str(images), str(out), overwrite=True)
+  mask = np.asarray(Image.open(out / 'deep_mask.png'))
+  np.testing.assert_array_equal(np.asarray(Image.open(out / 'deep_overlay.png')),
+                                writers.overlay(np.full((24, 40, 3), 128, np.uint8), mask))
 
 
 def test_predict_cli_refuses_existing_outputs_with_a_message(tmp_path):
