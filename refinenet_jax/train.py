@@ -153,6 +153,7 @@ def _checkpoint_meta(config, model) -> dict:
 def setup(config, workdir: str, splits=('train', 'eval')):
   """Everything a run needs, as a dict (used by train, eval and predict modes)."""
   check_workdir(workdir)
+  checkpoint.check_writable(os.path.join(workdir, 'checkpoints'))
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval batch size')
@@ -240,9 +241,9 @@ def initial_state(config, run, train_iter=None):
   """Newest checkpoint in the workdir, else ``config.init_checkpoint``, else random init."""
   ckpts, target = run['ckpts'], sharding.with_shardings(run['abstract'], run['state_sh'])
   if ckpts.latest_step() is not None:
-    step = ckpts.latest_step()
-    print(f'resuming from step {step} in {ckpts.directory}', flush=True)
-    return ckpts.restore(target, train_iter, step)
+    state = ckpts.restore(target, train_iter)  # the newest that restores (corrupt ones set aside)
+    print(f'resuming from step {ckpts.latest_step()} in {ckpts.directory}', flush=True)
+    return state
   state = jax.jit(run['init'], out_shardings=run['state_sh'])(jax.random.key(config.seed))
   if config.init_checkpoint:
     variables = _init_variables(config, run)
@@ -303,6 +304,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_last, step_last, t0 = time.time(), start, time.time()
   with _Preemption() as preemption:
     for step in range(start + 1, total + 1):
+      ckpts.check()  # a failed background save stops training here
       state, m = step_fn(state, sharding.put_batch(next(train_iter), mesh))
       log_now = step % config.log_every == 0 or step == total
       # the last step is saved after the final evaluation, with its metrics
