@@ -59,15 +59,17 @@ class NoRestorableCheckpointError(RuntimeError):
 
 
 def check_writable(directory: str) -> None:
-  """Fails now, not minutes into training with an orbax timeout, if ``directory`` can't be written."""
+  """Fails now, not minutes into training with an orbax timeout, if ``directory`` is unwritable."""
   try:
     os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, prefix='.write_probe'):
       pass
   except OSError as e:
+    why = ('a file is in the way' if os.path.exists(directory) and not os.path.isdir(directory)
+           else _reason(e))
     raise CheckpointSaveError(
-        f'checkpoint directory {directory} is not writable ({_reason(e)}); fix its '
-        'permissions or free space, or use another workdir') from None
+        f'checkpoint directory {directory} is not writable ({why}); fix its permissions or '
+        'free space, or use another workdir') from None
 
 
 class _Corrupt(Exception):
