@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import signal
-import tempfile
 import time
 
 import jax
@@ -32,16 +31,6 @@ TrainState = steps.TrainState
 # evaluated in crop-sized windows instead: ~8 GB of activations at ~1 KB per pixel (a ResNet-101
 # RefineNet forward pass in float32). One 6000x4000 photo alone is 24M pixels.
 EVAL_PIXELS_PER_DEVICE = 2 ** 23
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails now, not after an hour of training, if results could not be written."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise PermissionError(f'workdir {workdir!r} is not writable: {e}') from e
 
 
 def build_model(config):
@@ -196,7 +185,8 @@ def _checkpoint_meta(config, model) -> dict:
 def setup(config, workdir: str, splits=('train', 'eval')):
   """Everything a run needs, as a dict (used by train, eval and predict modes)."""
   config_rules.check(config)
-  check_workdir(workdir)
+  checkpoint.check_writable(workdir, 'workdir')  # now, not after an hour of training
+  checkpoint.check_writable(os.path.join(workdir, 'checkpoints'))
   mesh = sharding.make_mesh(config.num_devices)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval batch size')
@@ -287,9 +277,9 @@ def initial_state(config, run, train_iter=None):
   """Newest checkpoint in the workdir, else ``config.init_checkpoint``, else random init."""
   ckpts, target = run['ckpts'], sharding.with_shardings(run['abstract'], run['state_sh'])
   if ckpts.latest_step() is not None:
-    step = ckpts.latest_step()
-    print(f'resuming from step {step} in {ckpts.directory}', flush=True)
-    return ckpts.restore(target, train_iter, step)
+    state = ckpts.restore(target, train_iter)  # the newest that restores (corrupt ones set aside)
+    print(f'resuming from step {ckpts.latest_step()} in {ckpts.directory}', flush=True)
+    return state
   state = jax.jit(run['init'], out_shardings=run['state_sh'])(jax.random.key(config.seed))
   if config.init_checkpoint:
     variables = _init_variables(config, run)
@@ -358,6 +348,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t_last, step_last, t0 = time.time(), start, time.time()
   with _Preemption() as preemption:
     for step in range(start + 1, total + 1):
+      ckpts.check()  # a failed background save stops training here
       state, m = step_fn(state, sharding.put_batch(next(train_iter), mesh))
       log_now = step % config.log_every == 0 or step == total
       # the last step is saved after the loop, before the final evaluation
