@@ -7,9 +7,10 @@ Paper Table 3 (VOC 2012 val mIoU, SS added before LR there): GCN 76.0, +SS 77.5,
 
 Model: 'gcn_resnext101' plus the rung's switches (the last rung has every component of
 'exfuse_resnext101').
-Training: ExFuse's hyper-parameters are unknown (research notes fcn_exfuse.md §5), so this is
-the library's standard SGD + poly recipe (configs/recipes.py) at ExFuse's 512x512 crop (VOC;
-whole 360x480 images on CamVid), evaluated single-scale as an ablation.
+Training: ExFuse's hyper-parameters are unknown (no official code exists and the paper's running
+text was not readable), so this is the library's standard SGD + poly recipe (configs/recipes.py)
+at ExFuse's 512x512 crop (VOC; whole 360x480 images on CamVid), evaluated single-scale as an
+ablation.
 Weights: rung 'gcn' starts from ImageNet ResNeXt-101 32x4d weights in torchvision layout
 (e.g. timm's) converted with ``python -m refinenet_jax.convert --layout=torchvision_resnet``
 into ``init_checkpoint``. From 'lr' on the encoder needs its own ImageNet pre-training (the

@@ -1,6 +1,6 @@
 """The released RefineNet training recipe as a function; the per-dataset configs call it.
 
-What transfers from the official MatConvNet code (refinenet.md §4): crop 400 (Cityscapes 600)
+What transfers from the official MatConvNet code (guosheng/refinenet): crop 400 (Cityscapes 600)
 enlarged ×1.2 inside the network, random scale 0.7-1.3, flip, frozen encoder BatchNorm
 statistics, encoder learning rate ×0.1, decoder N(0, 0.01), labels at 1/4 resolution, multi-scale
 evaluation at 0.4-1.2. What does not: batch 1 with a manually dropped constant learning rate;

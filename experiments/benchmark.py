@@ -362,7 +362,7 @@ def main(argv=None):
   t.add_argument('--torch_threads', type=int, default=0, help='0: os.cpu_count()')
   t.add_argument('--torch_device', default='cpu', help="'cpu' or 'cuda'")
   t.add_argument('--torch_channels_last', type=int, default=1,
-                 help='1: channels_last memory format (faster eager on CPU, jax_stack.md §9)')
+                 help='1: channels_last memory format (faster eager convolutions on CPU)')
   a = p.parse_args(argv)
 
   models = _csv(a.models)

@@ -3,8 +3,8 @@
 Data parallelism over one ('data',) axis spanning every device of every process. The state is
 replicated; batches are split along their first axis. Under ``jax.jit`` a mean over the batch
 axis (BatchNorm statistics, the loss) is then a global reduction and XLA adds the all-reduces,
-so there is no pmap and no ``axis_name`` anywhere (jax_stack.md §3). The ``per_device_*``
-shard_map wrappers at the end exist only as a benchmark comparison point.
+so there is no pmap and no ``axis_name`` anywhere. The ``per_device_*`` shard_map wrappers at
+the end exist only as a benchmark comparison point.
 """
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ def per_device_train_step(step_fn, mesh):
   It differs from the global view in BatchNorm only: each device normalises with its own batch
   statistics, and the running averages are averaged afterwards (unsynchronised BN, as plain
   DDP). Under ``check_vma`` the gradient of the replicated parameters arrives already summed over
-  the devices (jax_stack.md §3), so the optimizer is handed it divided by the device count: the
-  mean of per-device mean gradients, the global step when the shards have equal pixel counts.
+  the devices (the transpose of their implicit broadcast is a psum), so the optimizer is handed
+  it divided by the device count: the mean of per-device mean gradients, the global step when the
+  shards have equal pixel counts.
   Each device draws its own dropout masks.
   """
   n = mesh.size

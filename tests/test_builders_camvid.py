@@ -1,4 +1,5 @@
-"""CamVid from the real SegNet-layout data in ../shared, and the generic bad-input errors."""
+"""CamVid from real SegNet-layout data (``CAMVID``, outside the repository: skipped when absent),
+and the generic bad-input errors."""
 from __future__ import annotations
 
 import os
@@ -35,7 +36,7 @@ def _histogram(masks, void=11):
 @needs_camvid
 def test_camvid_builds_from_the_real_data_with_its_class_histogram(tmp_path):
   b = datasets.prepare('camvid', str(tmp_path), manual_dir=CAMVID)
-  assert datasets.info(b).splits == ('train', 'val')  # no test/ in ../shared: not invented
+  assert datasets.info(b).splits == ('train', 'val')  # the data has no test/: none invented
   for split, n in (('train', 367), ('val', 101)):
     src = datasets.data_source(b, split)
     assert len(src) == n

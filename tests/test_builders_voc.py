@@ -1,9 +1,9 @@
 """Builders for PASCAL VOC 2012 (+SBD), PASCAL-Context and PASCAL-Person-Part.
 
-Real samples (``../shared/data/samples``) check that the official formats decode to exactly the
-stored palette indices; generated fixtures in the official formats (SBD ``GTcls`` .mat files,
-PASCAL-Context ``LabelMap`` .mat files) check the split arithmetic and label mappings; bad inputs
-must raise :class:`DatasetError` naming the offending file.
+Real samples (``SAMPLES``, outside the repository: skipped when absent) check that the official
+formats decode to exactly the stored palette indices; generated fixtures in the official formats
+(SBD ``GTcls`` .mat files, PASCAL-Context ``LabelMap`` .mat files) check the split arithmetic and
+label mappings; bad inputs must raise :class:`DatasetError` naming the offending file.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ no normalisation or activation) straight to C class channels and a boundary-refi
 block (BR); the coarse path is upsampled 2x, added to the next level and refined; nine BRs and
 five 2x upsamplings give C-channel scores at the input resolution.
 
-The class docstring lists the components and every choice the papers leave open.
+docs/exfuse.md describes the components and every choice the papers leave open.
 """
 from __future__ import annotations
 
@@ -193,61 +193,12 @@ class SSBranch(nn.Module):
 
 
 class ExFuse(nn.Module):
-  """GCN baseline with switchable ExFuse components.
+  """GCN baseline with switchable ExFuse components (LR, SS, SEB, ECRE, DAP).
 
-  ExFuse components (paper Table 3 gains on VOC 2012 val):
-    LR    ``stage_sizes=(8, 8, 9, 8)``: ResNeXt-101's 33 blocks moved towards the early stages.
-          Needs its own ImageNet pre-training (no published weights).
-    SS    ``ss_stages``: semantic supervision. For pre-training, classification branches on the
-          stages (refinenet_jax/pretrain.py); here the same branch trunks plus a 1x1 classifier
-          give deep-supervision score maps, returned as auxiliary logits in training.
-    SEB   ``seb``: before its GCN, each of res-2..res-4 is multiplied element-wise by the
-          bilinearly upsampled 3x3-conv outputs of *every* higher level (paper Fig. 4 caption).
-    ECRE  ``ecre``: the top path goes up by sub-pixel upsampling (pixel shuffle x2 of 4C channels)
-          instead of the first deconvolution, and that map gets its own auxiliary loss.
-    DAP   ``dap``: the last score map has C * k^2 channels; the score at (i, j, c) averages, over
-          the offsets (l, m), channel group k*l + m read at (i + l - k//2, j + m - k//2)
-          (:func:`dense_adjacent_prediction`). Public ports replace this by pixel shuffle + average
-          pooling, which only averages groups at the *same* position (tests/test_exfuse.py).
-
-  In training the model returns ``(logits, aux)`` with ``aux`` ordered as :attr:`aux_names`
-  (SS heads from res-2 up, then ECRE); the trainer weights them by the config's ``aux_weights``.
-
-  No official code exists and the paper's running text was not readable (research notes
-  fcn_exfuse.md §4.9), so these choices are ours; each is a field:
-    * ``groups=32, width_per_group=4`` (ResNeXt 32x4d): cardinality/width unverified; 32x4d is
-      the ResNeXt paper's standard 101-layer template (32x8d, 64x4d: change the fields). The LR
-      layout (8, 8, 9, 8) comes from two third-party readings; ResNeXt-131's layout is unknown.
-    * ``gcn_kernel=15``: the GCN paper's best k (ExFuse's k is not stated).
-    * BR count/placement as in GCN (4 after the GCNs, 3 after the sums, 2 after the last two
-      upsamplings); ExFuse's Fig. 2 omits BRs.
-    * ``decoder_bn=False``: no normalisation in GCN, BR and SEB, as drawn in both papers; True
-      adds BatchNorm after every GCN/BR/SEB conv.
-    * ``decoder_init='pytorch'``: PyTorch's default conv init, as in both public GCN ports
-      (variance 1/(3 fan-in), a third of LeCun's, which tames the nine unnormalised residual BRs).
-    * ``upsample='deconv'``: learned 4x4 stride-2 transposed convs (C -> C) initialised bilinear,
-      so at the start they equal ``'bilinear'`` (half-pixel) upsampling.
-    * SS: branch = two 3x3 convs of ``ss_width=256`` channels with BatchNorm + ReLU (``ss_bn``;
-      new layers on a BatchNorm trunk) on every stage (Fig. 2 draws all four). Widths, norms and
-      loss weights are unverified, as is whether the branches stay for segmentation training:
-      they do here as deep supervision when ``ss_stages`` is set (``()`` drops them).
-    * SEB: one 3x3 conv (with bias) per (lower, higher) pair to the lower level's channels, no
-      activation; it adds 41.3 M parameters to ResNeXt-101 (18.9 M for res-5 -> res-4 alone).
-      ``seb_init='identity'`` starts each factor at exactly 1 (kernel 0, bias 1) so the rung
-      starts as the previous one: products of up to three random conv outputs would otherwise
-      scale the GCN inputs by heavy-tailed noise. ``'random'``: decoder init, zero bias.
-    * ECRE: ``ecre_source='conv'``: a 3x3 conv C -> 4C on the refined top score map, i.e. the
-      sub-pixel convolution that can express the deconvolution it replaces (Shi et al. 2016);
-      ``'gcn'``: the top GCN itself outputs 4C (the lxtGH port). The source of the 4C channels
-      and the loss weight (config) are unverified.
-    * DAP: k = ``dap_kernel`` = 3, group g = k*l + m stored group-major (channel g*C + c). The
-      C*k^2 channels come from a 1x1 conv after the last BR, initialised as k^2 copies of the
-      identity, so the rung starts as the previous model followed by a k x k box filter. Where
-      the paper's C*k^2 channels come from is not shown. Note that DAP after a linear layer is a
-      re-parametrisation: here 1x1 conv + DAP spans the same functions as one 3x3 conv C -> C
-      (up to border bias terms), so any gain comes from the training dynamics.
-    * Odd input sizes: each 2x upsampling is cropped to the next level's size (torchvision stride
-      rounding), the last one to the input size.
+  In training with auxiliary heads it returns ``(logits, aux)``, ``aux`` ordered as
+  :attr:`aux_names` (SS heads from res-2 up, then ECRE); the trainer weights them by the config's
+  ``aux_weights``. No official code exists, so every detail the paper leaves open is a field;
+  docs/exfuse.md lists what each component does and, per field, the choice made and why.
   """
   num_classes: int
   # encoder (ResNeXt-101 32x4d)
