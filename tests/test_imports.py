@@ -44,7 +44,7 @@ def test_one_tree_check_in_the_package():
       if isinstance(node, ast.ClassDef) and node.name == 'CheckpointMismatchError':
         classes.append(path.name)
       if isinstance(node, ast.FunctionDef) and node.name in ('describe', '_describe',
-                                                             'check_tree', 'check'):
+                                                             'check_tree', 'check_variables'):
         describers.append(f'{path.name}:{node.name}')
   assert classes == ['tree_check.py']
   assert sorted(describers) == ['tree_check.py:check_tree', 'tree_check.py:describe']
