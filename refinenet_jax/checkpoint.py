@@ -30,28 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
-
-
-def _describe(tree) -> dict[str, tuple]:
-  """path -> (shape, dtype) for arrays, abstract arrays and orbax array metadata alike."""
-  flat = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, 'shape') and hasattr(x, 'dtype'))[0]
-  return {_path(p): (tuple(x.shape), str(np.dtype(x.dtype))) for p, x in flat
-          if hasattr(x, 'shape')}
-
-
-def _path(keys) -> str:
-  """'params/block1/crp/conv0/kernel' whether the tree holds dataclasses, dicts or lists."""
-  parts = []
-  for k in keys:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
+from refinenet_jax.tree_check import CheckpointMismatchError, check_tree
 
 
 SCORES_FILE = 'scores.json'
@@ -295,7 +274,7 @@ class Checkpoints:
     stored = self.manager.item_metadata(step)['state']
     if stored is None:  # not a model mismatch: the tree's description is gone
       raise _Corrupt('state/_METADATA (the array tree description) is missing or unreadable')
-    CheckpointMismatchError.check(_describe(stored), _describe(abstract_state), where)
+    check_tree(stored, abstract_state, where)
     args = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -360,9 +339,4 @@ def read_variables(directory: str, sharding) -> tuple[dict, dict]:
   finally:
     manager.close()
   return out['meta'], {k: out['state'][k] for k in ('params', 'batch_stats')}
-
-
-def check_variables(variables, abstract, where: str = '') -> None:
-  """Raises :class:`CheckpointMismatchError` unless every leaf's path, shape and dtype agree."""
-  CheckpointMismatchError.check(_describe(variables), _describe(abstract), where)
 

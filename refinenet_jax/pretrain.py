@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS
 from refinenet_jax.models.backbones import RESNET_STAGES, ResNet
 from refinenet_jax.models.exfuse import ExFuse, SSBranch
 from refinenet_jax.models.preprocessing import normalize_images
 from refinenet_jax.steps import TrainState
+from refinenet_jax.tree_check import check_tree
 
 Dtype = Any
 
@@ -83,10 +83,10 @@ def segmentation_variables(classifier_vars, segmentation_vars):
   dst = traverse_util.flatten_dict(dict(segmentation_vars))
   shared = lambda path: path[1] == 'encoder' or (path[1].startswith('ss_res') and
                                                 path[1][len('ss_res'):].isdigit())
-  want = {'/'.join(p): tuple(v.shape) for p, v in dst.items() if shared(p)}
-  have = {'/'.join(p): tuple(v.shape) for p, v in src.items()
-          if shared(p) and (p[1] == 'encoder' or '/'.join(p) in want)}
-  CheckpointMismatchError.check(have, want, ' (SS pre-training -> segmentation)')
+  want = {p: v for p, v in dst.items() if shared(p)}
+  have = {p: v for p, v in src.items() if shared(p) and (p[1] == 'encoder' or p in want)}
+  check_tree(traverse_util.unflatten_dict(have), traverse_util.unflatten_dict(want),
+             ' (SS pre-training -> segmentation)')
   return traverse_util.unflatten_dict({p: src[p] if shared(p) else v for p, v in dst.items()})
 
 

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refinenet_jax import checkpoint, config_rules, metrics, optim, sharding, steps, writers
+from refinenet_jax import (checkpoint, config_rules, metrics, optim, sharding, steps, tree_check,
+                           writers)
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax.data.builders.folder import FolderConfig
@@ -269,7 +270,7 @@ def _init_variables(config, run) -> dict:
     variables = fcn.upgrade_variables(variables, model)
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   abstract = {'params': run['abstract'].params, 'batch_stats': run['abstract'].batch_stats}
-  checkpoint.check_variables(variables, abstract, f' ({path})')
+  tree_check.check_tree(variables, abstract, f' ({path})')
   return variables
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from refinenet_jax.convert import fcn_torch, refinenet_torch, torchvision_seg
 from refinenet_jax.convert.orbax_io import load_converted, save_converted
-from refinenet_jax.convert.refinenet_torch import (CheckpointMismatchError, export_state_dict,
-                                                  unwrap_state_dict)
+from refinenet_jax.convert.refinenet_torch import export_state_dict, unwrap_state_dict
 from refinenet_jax.convert.torch_io import (CheckpointFormatError, UnsafeCheckpointError,
                                            load_torch_checkpoint, save_torch_state_dict)
+from refinenet_jax.tree_check import CheckpointMismatchError
 
 _MODULES = {name: module for module in (refinenet_torch, fcn_torch, torchvision_seg)
             for name in module.LAYOUTS}

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
-from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
 from refinenet_jax.models import create_model
+from refinenet_jax.tree_check import check_tree
 
 META = 'refinenet_jax_model.json'
 
@@ -62,10 +61,6 @@ def load_converted(path, *, expect_model: str | None = None,
   with ocp.StandardCheckpointer() as ckptr:
     stored = ckptr.metadata(os.path.join(path, 'variables'))
     stored = getattr(stored, 'item_metadata', stored)
-    want = {'/'.join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(
-        dict(abstract)).items()}
-    have = {'/'.join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(
-        dict(stored)).items()}
-    CheckpointMismatchError.check(have, want, f' ({path})')
+    check_tree(dict(stored), abstract, f' ({path})', dtype=False)  # the restore casts dtypes
     variables = ckptr.restore(os.path.join(path, 'variables'), abstract)
   return model, variables

@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from refinenet_jax.convert.torch_io import load_torch_checkpoint
+from refinenet_jax.tree_check import CheckpointMismatchError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,36 +39,6 @@ LAYOUTS = {
 }
 
 _WRAPPERS = ('state_dict', 'model', 'segmenter', 'weights', 'model_state_dict')
-
-
-class CheckpointMismatchError(ValueError):
-  """The checkpoint does not fit the model; nothing was loaded."""
-
-  def __init__(self, missing, unexpected, mismatched, where=''):
-    self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-
-    def fmt(title, items):
-      if not items:
-        return ''
-      shown = '\n    '.join(items[:40])
-      more = f'\n    ... and {len(items) - 40} more' if len(items) > 40 else ''
-      return f'\n  {title} ({len(items)}):\n    {shown}{more}'
-
-    super().__init__(
-        f'checkpoint does not fit the model{where}; nothing was loaded.' +
-        fmt('missing from the checkpoint', missing) +
-        fmt('unexpected in the checkpoint', unexpected) +
-        fmt('shape mismatches (checkpoint vs model)', mismatched))
-
-  @classmethod
-  def check(cls, have: dict, want: dict, where: str = '') -> None:
-    """Raises unless ``have`` (checkpoint) and ``want`` (model), name -> shape, agree exactly."""
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    mismatched = [f'{k}: {have[k]} vs {want[k]}' for k in sorted(set(want) & set(have))
-                  if have[k] != want[k]]
-    if missing or unexpected or mismatched:
-      raise cls(missing, unexpected, mismatched, where)
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:

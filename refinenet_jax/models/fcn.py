@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from refinenet_jax.models.layers import max_pool
+from refinenet_jax.tree_check import check_tree
 
 Dtype = Any
 
@@ -228,7 +229,6 @@ def upgrade_variables(variables, model: FCN, source: FCN | None = None):
   Anything missing, left over or mis-shaped raises and nothing is returned; so does a
   ``source`` model (the coarser net) that expects a different input normalisation.
   """
-  from refinenet_jax.convert.refinenet_torch import CheckpointMismatchError
   if source is not None and source.normalization != model.normalization:
     raise ValueError(f'the coarser FCN expects {source.normalization!r} input, this model '
                      f'{model.normalization!r}')
@@ -236,12 +236,9 @@ def upgrade_variables(variables, model: FCN, source: FCN | None = None):
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   want = traverse_util.flatten_dict(dict(abstract['params']))
   new = lambda p: p[0] in ('score_pool4', 'score_pool3') or p[0] in UPSCORE_NAMES[8]
-  missing = sorted('/'.join(p) for p in want if p not in have and not new(p))
-  unexpected = sorted('/'.join(p) for p in have if p not in want)
-  mismatched = [f'{"/".join(p)}: {tuple(np.shape(have[p]))} vs {tuple(want[p].shape)}'
-                for p in want if p in have and tuple(np.shape(have[p])) != tuple(want[p].shape)]
-  if missing or unexpected or mismatched:
-    raise CheckpointMismatchError(missing, unexpected, mismatched, ' (coarser FCN -> finer FCN)')
+  expected = {p: v for p, v in want.items() if p in have or not new(p)}
+  check_tree(variables['params'], traverse_util.unflatten_dict(expected),
+             ' (coarser FCN -> finer FCN)')
   out = {p: have[p] if p in have else head_init(p, v.shape, v.dtype) for p, v in want.items()}
   return {'params': traverse_util.unflatten_dict(out)}
 
