@@ -1,9 +1,9 @@
 """PyTorch references of the registered architectures, timed in eager mode.
 
 Run by experiments/benchmark.py as a child process, by path under the torch interpreter
-(``python .../torch_reference.py '<json spec>'``), so it needs only torch (+ torchvision for the torchvision models), numpy and the reference
-checkouts, never JAX or this library. Importable without torch: benchmark.py uses the registry
-to reject a name before starting the child.
+(``python .../torch_reference.py '<json spec>'``), so it needs only torch (+ torchvision for the
+torchvision models), numpy and the reference checkouts, never JAX or this library. Importable
+without torch: benchmark.py uses the registry to reject a name before starting the child.
 
 Timed like the JAX side: a first call (``first_call_s``, the eager counterpart of compiling),
 ``warmup`` untimed calls, then ``repeats`` runs of ``iters`` steps.
