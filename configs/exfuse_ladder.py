@@ -1,9 +1,8 @@
 """ExFuse's ablation ladder as configs: GCN baseline, +LR, +SS, +SEB, +ECRE, +DAP (cumulative).
 
 Paper Table 3 (VOC 2012 val mIoU, SS added before LR there): GCN 76.0, +SS 77.5, +LR 78.3,
-+SEB 79.0, +DAP 79.6, +ECRE 80.0. The thin files configs/exfuse_{voc,camvid}_{rung}.py call
-:func:`ladder_config`; this file also takes the rung on the command line:
-``--config=configs/exfuse_ladder.py:camvid,seb``.
++SEB 79.0, +DAP 79.6, +ECRE 80.0. The dataset and rung come from the command line:
+``--config=configs/exfuse_ladder.py:camvid,seb`` (datasets voc, camvid; default voc,dap).
 
 Model: 'gcn_resnext101' plus the rung's switches (the last rung has every component of
 'exfuse_resnext101').
@@ -43,10 +42,12 @@ DATASETS = {
 }
 
 
-def ladder_config(dataset: str, rung: str):
+def get_config(spec: str = 'voc,dap'):
+  """``spec``: 'DATASET,RUNG', e.g. 'camvid,seb'."""
+  dataset, _, rung = spec.partition(',')
   if dataset not in DATASETS or rung not in RUNGS:
-    raise ValueError(f'unknown ladder entry {dataset},{rung}; datasets {sorted(DATASETS)}, '
-                     f'rungs {RUNGS}')
+    raise ValueError(f'unknown ladder entry {spec!r}: give DATASET,RUNG with a dataset of '
+                     f'{sorted(DATASETS)} and a rung of {RUNGS}')
   name, num_classes, builder_config, crop, steps = DATASETS[dataset]
   c = paper_recipe('gcn_resnext101', name, num_classes, crop=crop, num_steps=steps,
                    dataset_config=builder_config)
@@ -58,8 +59,3 @@ def ladder_config(dataset: str, rung: str):
                    ((ECRE_WEIGHT,) if overrides.get('ecre') else ()))
   c.eval_scales = (1.0,)
   return c
-
-
-def get_config(spec: str = 'voc,dap'):
-  dataset, rung = spec.split(',')
-  return ladder_config(dataset, rung)

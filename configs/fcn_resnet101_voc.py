@@ -1,5 +1,6 @@
-"""fcn_resnet101 on voc2012 (train_aug): the torchvision recipe of configs/fcn_resnet50_voc.py."""
-from configs.fcn_resnet50_voc import torchvision_recipe
+"""fcn_resnet101 on voc2012 (train_aug): torchvision's references/segmentation recipe
+(recipes.torchvision_recipe)."""
+from configs.recipes import torchvision_recipe
 
 
 def get_config():

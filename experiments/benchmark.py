@@ -1,6 +1,6 @@
 """XLA throughput of any registered model, and the same architecture in PyTorch eager beside it.
 
-  python experiments/benchmark.py --models=refinenet_r101 --size=512 --batch=1 \\
+  python -m experiments.benchmark --models=refinenet_r101 --size=512 --batch=1 \\
       --modes=inference,train [--dtypes=float32,bfloat16] [--parallel=jit,shard_map] \\
       [--torch_python=/path/to/torch/venv/bin/python --refinenet_pytorch=/path/to/checkout] \\
       [--out=runs/bench.jsonl] [--markdown]
@@ -35,7 +35,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import types
@@ -45,12 +44,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(HERE, '..'), HERE]
-import op_profile  # noqa: E402
-import torch_reference  # noqa: E402  (importable without torch)
-from configs import default  # noqa: E402
-from refinenet_jax import (hardware, list_models, optim, sharding, steps, train,  # noqa: E402
+from configs import default
+from experiments import op_profile, torch_reference  # torch_reference imports without torch
+from refinenet_jax import (hardware, list_models, optim, sharding, steps, train,
                            xla_stats)
 
 MODES = ('inference', 'train')
@@ -259,7 +255,7 @@ def run_torch(model_name: str, *, torch_python: str, repos: dict, inputs: dict, 
             'dtypes': list(dtypes), 'num_classes': num_classes, 'iters': iters,
             'repeats': repeats, 'warmup': warmup, 'threads': threads or os.cpu_count(),
             'channels_last': channels_last, 'device': device}
-    proc = subprocess.run([torch_python, os.path.join(HERE, 'torch_reference.py'),
+    proc = subprocess.run([torch_python, torch_reference.__file__,
                            json.dumps(spec)], capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f'PyTorch child for {model_name} failed (exit {proc.returncode}):\n'

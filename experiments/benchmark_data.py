@@ -1,6 +1,6 @@
 """Input-pipeline throughput: decode + augment images/s, and the default config's consumption.
 
-  python experiments/benchmark_data.py --camvid /data/CamVid [--out runs/bench_data.json]
+  python -m experiments.benchmark_data --camvid /data/CamVid [--out runs/bench_data.json]
 
 1. CamVid, 360x480 (built into a temporary data_dir): decode only (the data source), and the
    training pipeline (random scale 0.7-1.3, pad, 360x480 crop, flip, batch 8) at 1 and 2 threads.

@@ -1,6 +1,6 @@
 """Floor and ceiling for the built-in synthetic scenes.
 
-  python experiments/colour_rule_baseline.py [--num_train 6000 --num_val 500 --size 96]
+  python -m experiments.colour_rule_baseline [--num_train 6000 --num_val 500 --size 96]
 
 Floor: the best per-pixel colour rule (colour -> most frequent train class, for every
 quantisation level in --levels); the dataset is built to defeat it. Ceiling: a perfect predictor

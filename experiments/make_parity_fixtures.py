@@ -1,7 +1,7 @@
 """Regenerates tests/fixtures/*: reference outputs of the published PyTorch code.
 
 Needs torch and checkouts of the reference repositories (not vendored here):
-  python experiments/make_parity_fixtures.py \
+  python -m experiments.make_parity_fixtures \
       --refinenet_pytorch=/path/to/DrSleep/refinenet-pytorch \
       --light_weight_refinenet=/path/to/DrSleep/light-weight-refinenet \
       --pytorch_fcn=/path/to/wkentaro/pytorch-fcn
@@ -28,10 +28,9 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from refinenet_jax.testing import synthetic_state_dict  # noqa: E402
-# the reference loaders shared with the benchmark (this directory is sys.path[0] when run)
-from torch_reference import _commit, _drsleep as _import_reference  # noqa: E402
+# the reference loaders shared with the benchmark
+from experiments.torch_reference import _commit, _drsleep as _import_reference
+from refinenet_jax.testing import synthetic_state_dict
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'fixtures')
 INPUT_SHAPE = (2, 3, 61, 83)  # NCHW, neither side a multiple of 32

@@ -2,7 +2,7 @@
 outputs, the reference for the strict ``torchvision_resnet`` import of ResNeXt encoders.
 
 Needs torch + torchvision (no weights are downloaded):
-  python experiments/make_parity_fixtures_resnext.py
+  python -m experiments.make_parity_fixtures_resnext
 
 The torchvision state-dict key list (``fc.*`` included, as in the published ImageNet files) is
 filled with ``refinenet_jax.testing.synthetic_state_dict(keys, seed)``; the model runs in eval
@@ -11,14 +11,12 @@ CI regenerates the same weights from the seed, so no weights are stored.
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 import torch
 import torchvision
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-from refinenet_jax.testing import synthetic_state_dict  # noqa: E402
+from refinenet_jax.testing import synthetic_state_dict
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'fixtures',
                    'parity_resnext50_encoder.npz')

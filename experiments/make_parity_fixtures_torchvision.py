@@ -2,7 +2,7 @@
 ``fcn_resnet50`` (both the "out" and the "aux" head).
 
 Needs torch and torchvision (no weights are downloaded):
-  python experiments/make_parity_fixtures_torchvision.py
+  python -m experiments.make_parity_fixtures_torchvision
 
 As in make_parity_fixtures.py: the model's state-dict keys are filled with
 ``synthetic_state_dict(keys, seed)`` and the model runs in eval mode on an input whose sides are
@@ -11,18 +11,14 @@ file small the model has 3 classes and the input holds multiples of 1/256 in [-2
 float16, so it is stored as float16 and read back bit-identical.
 """
 import os
-import sys
 
 import numpy as np
 import torch
 import torchvision
 from torchvision.models.segmentation import fcn_resnet50
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from make_parity_fixtures import HERE, INPUT_SHAPE  # noqa: E402
-
-from refinenet_jax.testing import synthetic_state_dict  # noqa: E402
+from experiments.make_parity_fixtures import HERE, INPUT_SHAPE
+from refinenet_jax.testing import synthetic_state_dict
 
 
 def make_fcn_parity(out_name='parity_fcn_resnet50.npz', seed=0, num_classes=3):

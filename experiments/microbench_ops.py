@@ -1,6 +1,6 @@
 """Times the two operations that dominate the RefineNet train step on XLA:CPU, in isolation.
 
-  python experiments/microbench_ops.py [--size=128] [--channels=256] [--iters=5]
+  python -m experiments.microbench_ops [--size=128] [--channels=256] [--iters=5]
 
 At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input):
 - the chained residual pooling's 5x5 stride-1 max pool, forward and forward + gradient, as one
@@ -17,9 +17,7 @@ At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import flax.linen as nn
@@ -28,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-from refinenet_jax.models import layers  # noqa: E402
+from refinenet_jax.models import layers
 
 
 def timed(fn, *args, iters: int = 5) -> float:

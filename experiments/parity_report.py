@@ -1,23 +1,21 @@
 """Prints logit parity with the published PyTorch code and the bfloat16 deviation.
 
-  python experiments/parity_report.py
+  python -m experiments.parity_report
 
 Uses the stored reference outputs in tests/fixtures (regenerate them with
 experiments/make_parity_fixtures.py); weights are re-derived from the stored seed.
 """
 import ast
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import refinenet_jax as rj  # noqa: E402
-from refinenet_jax.convert import import_state_dict  # noqa: E402
-from refinenet_jax.testing import synthetic_state_dict  # noqa: E402
+import refinenet_jax as rj
+from refinenet_jax.convert import import_state_dict
+from refinenet_jax.testing import synthetic_state_dict
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'fixtures')
 CASES = [('refinenet_r101', 'parity_refinenet_r101.npz'),

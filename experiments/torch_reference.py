@@ -1,9 +1,9 @@
 """PyTorch references of the registered architectures, timed in eager mode.
 
-Run by experiments/benchmark.py as a child process (``python torch_reference.py '<json spec>'``),
-so it needs only torch (+ torchvision for the torchvision models), numpy and the reference
-checkouts, never JAX or this library. Importable without torch: benchmark.py uses the registry
-to reject a name before starting the child.
+Run by experiments/benchmark.py as a child process, by path under the torch interpreter
+(``python .../torch_reference.py '<json spec>'``), so it needs only torch (+ torchvision for the
+torchvision models), numpy and the reference checkouts, never JAX or this library. Importable
+without torch: benchmark.py uses the registry to reject a name before starting the child.
 
 Timed like the JAX side: a first call (``first_call_s``, the eager counterpart of compiling),
 ``warmup`` untimed calls, then ``repeats`` runs of ``iters`` steps.
@@ -14,6 +14,7 @@ backward and an SGD + momentum + weight decay update. bfloat16 runs under ``torc
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -82,15 +83,14 @@ def _commit(repo: str) -> str:
 
 
 def _drsleep(repo: str, ctor: str):
-  # both DrSleep repositories have top-level `models` and `utils` packages
+  # Both DrSleep repositories have top-level `models` and `utils` packages (models/resnet.py
+  # imports `utils.*`): they are registered as packages rooted in ``repo``, not found on sys.path.
   for mod in [m for m in sys.modules if m.split('.')[0] in ('models', 'utils')]:
     del sys.modules[mod]
-  sys.path.insert(0, repo)
-  try:
-    import models.resnet as ref  # noqa: PLC0415  (the reference repo's module)
-    return getattr(ref, ctor)
-  finally:
-    sys.path.remove(repo)
+  for pkg in ('models', 'utils'):
+    sys.modules[pkg] = types.ModuleType(pkg)
+    sys.modules[pkg].__path__ = [os.path.join(repo, pkg)]
+  return getattr(importlib.import_module('models.resnet'), ctor)
 
 
 def _torchfcn(repo: str, ctor: str):

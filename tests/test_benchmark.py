@@ -15,11 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
-import benchmark  # noqa: E402
-import torch_reference  # noqa: E402
-
-from refinenet_jax import xla_stats  # noqa: E402
+from experiments import benchmark, torch_reference
+from refinenet_jax import xla_stats
 
 MODEL = 'lw_refinenet_tiny'
 KW = dict(num_classes=3, size=(32, 32), model_overrides={'tap_dropout': 0.0},
@@ -187,6 +184,27 @@ def test_torch_registry_without_torch():
   with pytest.raises(KeyError):
     benchmark.run_torch('refinenet_tiny', torch_python='/nonexistent/python', repos={},
                         inputs={}, modes=['inference'], dtypes=['float32'])
+
+
+def test_drsleep_loader_imports_from_the_checkout_without_sys_path(tmp_path, monkeypatch):
+  # a stand-in checkout with the DrSleep layout: models/resnet.py imports the sibling utils/
+  for name, tag in (('a', 'first'), ('b', 'second')):
+    (tmp_path / name / 'models').mkdir(parents=True)
+    (tmp_path / name / 'utils').mkdir()
+    (tmp_path / name / 'utils' / 'helpers.py').write_text(f'TAG = {tag!r}\n')
+    (tmp_path / name / 'models' / 'resnet.py').write_text(
+        'from utils.helpers import TAG\n\n\ndef rf101():\n  return TAG\n')
+  for mod in [m for m in sys.modules if m.split('.')[0] in ('models', 'utils')]:
+    monkeypatch.delitem(sys.modules, mod)  # restored afterwards, as are the stand-ins below
+  path = list(sys.path)
+  try:
+    assert torch_reference._drsleep(str(tmp_path / 'a'), 'rf101')() == 'first'
+    # a second checkout replaces the first one's modules
+    assert torch_reference._drsleep(str(tmp_path / 'b'), 'rf101')() == 'second'
+    assert sys.path == path
+  finally:
+    for mod in [m for m in sys.modules if m.split('.')[0] in ('models', 'utils')]:
+      del sys.modules[mod]
 
 
 def test_attach_torch_ratio():

@@ -1,15 +1,19 @@
-"""Every config file resolves: known keys only, a registered model and dataset with the right
-class count, an optimizer, and a model that initialises (``jax.eval_shape``, no compute)."""
+"""Every config file resolves (and configs/exfuse_ladder.py for every dataset,rung argument):
+known keys only, a registered model and dataset with the right class count, an optimizer, and a
+model that initialises (``jax.eval_shape``, no compute)."""
 from __future__ import annotations
 
 import glob
 import importlib
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
 
+from configs import exfuse_ladder
 from configs.default import get_config as default_config
 from refinenet_jax import config_rules, list_models, optim, train
 from refinenet_jax.data import datasets
@@ -19,15 +23,25 @@ CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
                  for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                  if not os.path.basename(p).startswith('_') and
                  os.path.basename(p) != 'recipes.py')
+# config files whose get_config takes an argument (``--config=PATH:ARG``): every argument
+CONFIG_ARGS = {'exfuse_ladder': [f'{d},{r}' for d in exfuse_ladder.DATASETS
+                                 for r in exfuse_ladder.RUNGS]}
+CASES = [(name, arg) for name in CONFIGS for arg in CONFIG_ARGS.get(name, [None])]
 
 
 def test_config_files_are_found():
   assert len(CONFIGS) >= 10 and 'default' in CONFIGS and 'tiny' in CONFIGS
 
 
-@pytest.mark.parametrize('name', CONFIGS)
-def test_config_resolves(name):
-  config = importlib.import_module(f'configs.{name}').get_config()
+def test_ladder_arguments_are_all_resolved():
+  assert len(CONFIG_ARGS['exfuse_ladder']) == 12
+  assert ('exfuse_ladder', 'camvid,seb') in CASES and ('exfuse_ladder', None) not in CASES
+
+
+@pytest.mark.parametrize('name,arg', CASES)
+def test_config_resolves(name, arg):
+  get_config = importlib.import_module(f'configs.{name}').get_config
+  config = get_config() if arg is None else get_config(arg)
   assert set(config.keys()) == set(default_config().keys()), 'keys must all come from default'
   config.lock()
   assert config_rules.errors(config) == []
@@ -67,3 +81,34 @@ def test_impossible_value_is_refused_before_the_dataset_is_built(key, value, tmp
   config[key] = value
   with pytest.raises(config_rules.ConfigValueError, match=f'{key}='):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+@pytest.fixture
+def parse_main_flags(monkeypatch):
+  """Parses a command line with refinenet_jax.main's flag definitions (absl's global FLAGS),
+  which it restores afterwards: unparsed, without the ``--config.KEY`` flags a parse defines."""
+  from refinenet_jax import main  # noqa: PLC0415  (defines the flags)
+
+  def parse(*args):
+    argv = ['main', '--workdir=unused', f'--config={os.path.join(ROOT, "configs", "tiny.py")}',
+            *args]
+    monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads the overrides from sys.argv
+    flags.FLAGS(argv)
+    return main._CONFIG.value
+
+  yield parse
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+    delattr(flags.FLAGS, name)
+
+
+def test_main_config_flag_is_locked(parse_main_flags):
+  config = parse_main_flags('--config.num_steps=3')
+  assert config.num_steps == 3 and config.is_locked
+  with pytest.raises(AttributeError, match='new_key'):
+    config.new_key = 1  # a misspelt key in code fails instead of being silently added
+
+
+def test_main_config_flag_refuses_an_unknown_key(parse_main_flags):
+  with pytest.raises(AttributeError, match='nonexistent'):
+    parse_main_flags('--config.nonexistent=1')

@@ -2,13 +2,10 @@
 experiments/microbench_ops.py."""
 import gzip
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'experiments'))
-import op_profile  # noqa: E402
+from experiments import op_profile
 
 HLO = '''HloModule jit_train_step
 
@@ -135,7 +132,7 @@ def test_breakdown_needs_a_trace(tmp_path):
 
 
 def test_microbench_ops_small():
-  import microbench_ops
+  from experiments import microbench_ops
   out = microbench_ops.run(size=16, channels=4, iters=1)
   assert all(v > 0 for k, v in out.items() if k.endswith(' ms'))
   # the library's separable pool picks the same tied maximum as the 2-D window

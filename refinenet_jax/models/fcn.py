@@ -120,7 +120,6 @@ class VGGTrunk(nn.Module):
   widths: Sequence[int] = VGG16_WIDTHS
   depths: Sequence[int] = VGG16_DEPTHS
   fc_width: int = 4096
-  fc_kernel: int = 7
   first_pad: int = 100
   dropout: float = 0.5
   dtype: Dtype = jnp.float32
@@ -135,7 +134,7 @@ class VGGTrunk(nn.Module):
         x = nn.relu(conv(width, (3, 3), padding=((p, p), (p, p)), name=f'conv{b}_{i}')(x))
       x = max_pool_ceil(x)
       pools.append(x)
-    for name, k in (('fc6', self.fc_kernel), ('fc7', 1)):
+    for name, k in (('fc6', 7), ('fc7', 1)):  # fc6 sees pool5's 7x7 window (VGG's classifier)
       x = nn.relu(conv(self.fc_width, (k, k), padding='VALID', name=name)(x))
       # element-wise as in Caffe (wkentaro's port uses channel-wise Dropout2d)
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
@@ -164,7 +163,7 @@ class FCN(nn.Module):
       raise ValueError(f'output_stride must be one of {sorted(UPSAMPLING)}, '
                        f'got {self.output_stride}')
     size = images.shape[1:3]
-    pool3, pool4, x = VGGTrunk(self.widths, self.depths, self.fc_width, 7, self.first_pad,
+    pool3, pool4, x = VGGTrunk(self.widths, self.depths, self.fc_width, self.first_pad,
                                self.dropout, self.dtype, name='encoder')(
                                    images.astype(self.dtype), train)
     # Caffe leaves score layers to its default constant-0 filler: a fresh (or freshly upgraded)

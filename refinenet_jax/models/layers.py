@@ -86,7 +86,6 @@ DECODER_INITS = {
     'official': nn.initializers.normal(0.01),
     # PyTorch ports (nn.Conv2d default, kaiming_uniform(a=sqrt(5)))
     'pytorch': nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'),
-    'lecun': nn.initializers.lecun_normal(),
 }
 
 

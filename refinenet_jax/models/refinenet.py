@@ -52,7 +52,7 @@ class RefineNet(nn.Module):
   tap_dropout: float = 0.5
   head_dropout: float = 0.5
   resize_mode: str = 'align_corners'
-  decoder_init: str = 'official'  # 'official' N(0, 0.01) | 'pytorch' | 'lecun'
+  decoder_init: str = 'official'  # 'official' N(0, 0.01) | 'pytorch'
   # numerics / memory
   dtype: Dtype = jnp.float32
   remat: bool = False

@@ -1,9 +1,0 @@
-"""ExFuse ladder on CamVid (11 classes), rung 4: + semantic embedding branch.
-
-See configs/exfuse_ladder.py.
-"""
-from configs.exfuse_ladder import ladder_config
-
-
-def get_config():
-  return ladder_config('camvid', 'seb')
