@@ -78,14 +78,6 @@ def eval_dataset(source: Sequence[dict], *, global_batch_size: int, eval_size: S
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads))
 
 
-def max_image_size(source: Sequence[dict], multiple: int = 32) -> tuple[int, int]:
-  """The smallest bucket (a multiple of ``multiple``) holding every image of ``source``.
-
-  Decodes every label once; pass ``eval_size`` explicitly to skip this on big splits.
-  """
-  return bucket_for([source[i]['label'].shape[:2] for i in range(len(source))], multiple)
-
-
 def bucket_for(sizes: Sequence[Sequence[int]], multiple: int = 32) -> tuple[int, int]:
   """The smallest (h, w), multiples of ``multiple``, holding every (h, w) of ``sizes``."""
   h = max((s[0] for s in sizes), default=0)
