@@ -141,19 +141,25 @@ def test_unwritable_checkpoint_folder_fails_before_anything_is_built(tmp_path, m
   assert called == []
 
 
-def _biggest_file(folder):
-  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names]
-  return max(files, key=os.path.getsize)
+def _array_files(folder):
+  """The OCDBT data files, biggest first. Which file holds which array, and which hold only
+  superseded b-tree nodes that a restore never reads, depends on write timing, so a test that
+  cuts one file cannot know it cut live data; cutting them all can."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
+           if os.path.basename(d) == 'd' and 'ocdbt.process_' in d]
+  assert files, f'no OCDBT data files under {folder}'
+  return sorted(files, key=os.path.getsize, reverse=True)
 
 
 def _corrupt(step_dir, how):
   """Damages a checkpoint as a crash, a full disk or a careless cleanup would; returns the
   path (relative to the step folder) of what is left to find in the folder set aside."""
   if how == 'truncated_array_file':
-    path = _biggest_file(step_dir / 'state')
-    with open(path, 'r+b') as f:
-      f.truncate(os.path.getsize(path) // 2)
-    return os.path.relpath(path, step_dir)
+    paths = _array_files(step_dir / 'state')
+    for path in paths:
+      with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return os.path.relpath(paths[0], step_dir)
   if how == 'deleted_METADATA':
     os.remove(step_dir / 'state' / '_METADATA')
     return 'state'
