@@ -66,7 +66,8 @@ def get_config():
 
   # run
   c.seed = 0
-  c.num_devices = -1  # -1 = every device of every process
+  c.mesh = (('data', -1),)  # (axis name, size) pairs; -1 = the rest (all devices, all processes)
+  c.sharding_rules = 'replicated'  # a sharding.RULE_SETS name: 'replicated' or 'fsdp'
   c.log_every = 100
   c.checkpoint_every = 500
   c.keep_checkpoints = 2  # latest N; the best by val mIoU is kept as well

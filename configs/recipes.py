@@ -95,7 +95,7 @@ def fcn_recipe(model: str, *, learning_rate: float, num_steps: int = 100_000,
   c.log_every = 100
   c.data_threads = 8
   if batch_size == 1:
-    c.num_devices = 1  # "online" learning: one image, one device
+    c.mesh = (('data', 1),)  # "online" learning: one image, one device
   return c
 
 

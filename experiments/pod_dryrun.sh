@@ -11,7 +11,7 @@ dry() { python -m refinenet_jax.dryrun "$@" "${common[@]}"; }  # --config first
 # one single-host slice (v5e: 4 chips, 1 host) for every reference model
 dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py
 dry --topology=v5e:2x2 --config=configs/lw_refinenet_r50_voc.py
-dry --topology=v5e:2x2 --config=configs/fcn8s_voc.py --config.num_devices=-1  # recipe: 1 device
+dry --topology=v5e:2x2 --config=configs/fcn8s_voc.py --config.mesh='(("data",-1),)'  # recipe: 1 device
 dry --topology=v5e:2x2 --config='configs/exfuse_ladder.py:voc,dap'
 # a multi-host slice (16 chips on 4 hosts), and the largest batch per chip
 dry --topology=v5e:4x4 --config=configs/refinenet_r101_voc.py

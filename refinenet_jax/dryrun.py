@@ -97,7 +97,7 @@ def programs(config, topo: Topology, batch_per_device: int,
   built by the trainer's own functions. The eval bucket is ``config.eval_size`` or the crop."""
   config_rules.check(config)
   model = train.build_model(config)
-  mesh = sharding.make_mesh(config.num_devices, topo.devices)
+  mesh = sharding.make_mesh(config.mesh, topo.devices)
   batch = batch_per_device * mesh.size
   sharding.check_batch_size(batch, mesh, all_devices=topo.devices)
   ignore_label = int(datasets.BUILDERS[config.dataset].IGNORE_LABEL)

@@ -1,32 +1,50 @@
-"""Device mesh and shardings: the only module that deals with jax.sharding.
+"""Device mesh and shardings: every sharding decision lives here and in the config.
 
-Data parallelism over one ('data',) axis spanning every device of every process. The state is
-replicated; batches are split along their first axis. Under ``jax.jit`` a mean over the batch
-axis (BatchNorm statistics, the loss) is then a global reduction and XLA adds the all-reduces,
-so there is no pmap and no ``axis_name`` anywhere. The ``per_device_*`` shard_map wrappers at
-the end exist only as a benchmark comparison point.
+The mesh comes from ``config.mesh`` (axis names and sizes); batches are split along their first
+axis over 'data'. The train state is laid out by rules, regexes on a leaf's path
+('params/encoder/layer1/0/conv1/kernel', 'opt_state/0/mu/...') -> a placement, first match
+wins, unmatched leaves replicated: ``RULE_SETS`` names the shipped sets and
+``config.sharding_rules`` picks one. Under ``jax.jit`` a mean over the batch axis (BatchNorm
+statistics, the loss) is a global reduction and XLA adds the collectives, so there is no pmap
+and no ``axis_name`` anywhere.
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from refinenet_jax import steps
 
 DATA_AXIS = 'data'
 
 
-def make_mesh(num_devices: int | None = None, devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over the first ``num_devices`` (default: all) of ``devices``.
+def make_mesh(axes=-1, devices=None) -> jax.sharding.Mesh:
+  """The mesh ``axes`` describes over ``devices`` (default: every global device).
 
-  ``devices`` defaults to every global device; a foreign topology's devices
-  (``jax.experimental.topologies``) build the same mesh for ahead-of-time compilation.
+  ``axes``: ``config.mesh``, (name, size) pairs, one size -1 for the rest of the devices
+  (('data', -1),) = all of them on 'data'); an int n is a 1-D 'data' mesh of the first n
+  (-1: all). A foreign topology's devices (``jax.experimental.topologies``) build the same mesh
+  for ahead-of-time compilation.
   """
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices) if num_devices in (None, 0, -1) else num_devices
-  if not 1 <= n <= len(devices):
-    raise ValueError(f'asked for {num_devices} devices; {len(devices)} are available')
-  return jax.sharding.Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+  if isinstance(axes, int):
+    axes = ((DATA_AXIS, axes),)
+  names, sizes = [str(a) for a, _ in axes], [int(n) for _, n in axes]
+  if DATA_AXIS not in names or len(set(names)) != len(names):
+    raise ValueError(f'mesh {tuple(axes)} needs one {DATA_AXIS!r} axis and distinct names')
+  if sizes.count(-1) > 1 or any(n < 1 and n != -1 for n in sizes):
+    raise ValueError(f'mesh {tuple(axes)}: sizes are positive, at most one -1 (the rest)')
+  fixed = int(np.prod([n for n in sizes if n != -1]))
+  if -1 in sizes:
+    sizes[sizes.index(-1)] = max(len(devices) // fixed, 1)
+  n = int(np.prod(sizes))
+  if n > len(devices) or (-1 in [s for _, s in axes] and len(devices) % fixed):
+    raise ValueError(f'mesh {tuple(axes)} needs {n} devices; {len(devices)} are available')
+  return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(sizes), tuple(names))
 
 
 def platform(mesh) -> str:
@@ -77,9 +95,72 @@ def put_batch(local_batch: dict, mesh) -> dict:
           for k, v in local_batch.items()}
 
 
-def state_shardings(abstract_state, mesh):
-  """Replicated everywhere (the models fit one device); one place to add FSDP rules later."""
-  return jax.tree.map(lambda _: replicated(mesh), abstract_state)
+# Named rule sets (``config.sharding_rules``): (regex on the leaf path, placement) pairs.
+# A placement is 'replicate', 'fsdp' (the largest dimension divisible by the 'data' axis is split
+# over it, as big_vision's fsdp; replicated when none divides) or a PartitionSpec tuple.
+RULE_SETS = {
+    'replicated': (),
+    'fsdp': ((r'^(params|opt_state)/', 'fsdp'),),
+}
+
+
+def leaf_path(path) -> str:
+  """A key path as 'params/encoder/conv1/kernel' (dict keys, attribute names, list indices)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _spec(placement, shape, mesh) -> P:
+  if placement == 'replicate':
+    return P()
+  if placement == 'fsdp':
+    n = mesh.shape[DATA_AXIS]
+    dims = sorted((d for d, size in enumerate(shape) if size % n == 0 and size >= n),
+                  key=lambda d: -shape[d])
+    if n == 1 or not dims:
+      return P()
+    return P(*[DATA_AXIS if d == dims[0] else None for d in range(len(shape))])
+  return P(*placement)
+
+
+def state_shardings(abstract_state, mesh, rules='replicated'):
+  """A NamedSharding per leaf of ``abstract_state`` by ``rules`` (a ``RULE_SETS`` name or
+  (regex, placement) pairs); leaves no rule matches are replicated."""
+  if isinstance(rules, str):
+    if rules not in RULE_SETS:
+      raise ValueError(f'unknown sharding_rules {rules!r}; known: {sorted(RULE_SETS)}')
+    rules = RULE_SETS[rules]
+  compiled = [(re.compile(r), placement) for r, placement in rules]
+
+  def place(path, leaf):
+    name = leaf_path(path)
+    for regex, placement in compiled:
+      if regex.search(name):
+        return NamedSharding(mesh, _spec(placement, getattr(leaf, 'shape', ()), mesh))
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
+def abstract_train_state(rng, *, model, tx, input_shape, mesh, rules='replicated'):
+  """The train state's shapes and dtypes, each carrying its target sharding (what jit,
+  orbax restore and ahead-of-time compilation take), without computing anything."""
+  init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape)
+  abstract = jax.eval_shape(init, rng)
+  return with_shardings(abstract, state_shardings(abstract, mesh, rules))
+
+
+def create_train_state(rng, *, model, tx, input_shape, mesh, rules='replicated'):
+  """The initial train state, initialised by one jitted program straight into its shardings:
+  the one way every caller (trainer, dry run, benchmarks, notebook, tests) builds it."""
+  init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape)
+  target = abstract_train_state(rng, model=model, tx=tx, input_shape=input_shape, mesh=mesh,
+                                rules=rules)
+  return jax.jit(init, out_shardings=shardings_of(target))(rng)
+
+
+def shardings_of(tree):
+  """The ``.sharding`` of every leaf (of a state or its ``abstract_train_state``)."""
+  return jax.tree.map(lambda a: a.sharding, tree)
 
 
 def with_shardings(abstract_state, shardings):

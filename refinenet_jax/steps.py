@@ -21,6 +21,14 @@ class TrainState(train_state.TrainState):
   rng: jax.Array  # raw uint32 key data: checkpoints as a plain array on every orbax version
 
 
+def init_train_state(rng, *, model, tx, input_shape) -> TrainState:
+  """A fresh, unsharded train state (``sharding.create_train_state`` places it on a mesh)."""
+  variables = model.init(rng, jnp.zeros(input_shape, jnp.float32))
+  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                           batch_stats=variables.get('batch_stats', {}), tx=tx,
+                           rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+
+
 def split_outputs(outputs):
   """Model output -> (logits, aux logits): models with deep supervision return a tuple."""
   if isinstance(outputs, (tuple, list)):

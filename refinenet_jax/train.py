@@ -128,13 +128,6 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def create_train_state(rng, *, model, tx, input_shape) -> TrainState:
-  variables = model.init(rng, jnp.zeros(input_shape, jnp.float32))
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
-
-
 def _eval_kwargs(config, fill, window=None):
   """Inference settings of the config; ``window`` (setup's 'eval_window') overrides its own."""
   window = window or tuple(config.eval_window) or None
@@ -188,16 +181,18 @@ def setup(config, workdir: str, splits=('train', 'eval')):
   config_rules.check(config)
   checkpoint.check_writable(workdir, 'workdir')  # now, not after an hour of training
   checkpoint.check_writable(os.path.join(workdir, 'checkpoints'))
-  mesh = sharding.make_mesh(config.num_devices)
+  mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval batch size')
   model = build_model(config)
   info, train_ds, eval_ds, sizes = make_data(config, model.normalization, splits)
   tx = optim.make_optimizer(config)
-  init = functools.partial(create_train_state, model=model, tx=tx,
-                           input_shape=(1, *sizes[2], 3))
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  state_sh = sharding.state_shardings(abstract, mesh)
+  init = functools.partial(sharding.create_train_state, model=model, tx=tx,
+                           input_shape=(1, *sizes[2], 3), mesh=mesh, rules=config.sharding_rules)
+  abstract = sharding.abstract_train_state(
+      jax.random.key(config.seed), model=model, tx=tx, input_shape=(1, *sizes[2], 3),
+      mesh=mesh, rules=config.sharding_rules)
+  state_sh = sharding.shardings_of(abstract)
   window = eval_window(config, sizes[3], sizes[2], mesh.size) if eval_ds is not None else None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints,
@@ -276,17 +271,18 @@ def _init_variables(config, run) -> dict:
 
 def initial_state(config, run, train_iter=None):
   """Newest checkpoint in the workdir, else ``config.init_checkpoint``, else random init."""
-  ckpts, target = run['ckpts'], sharding.with_shardings(run['abstract'], run['state_sh'])
+  ckpts = run['ckpts']
   if ckpts.latest_step() is not None:
-    state = ckpts.restore(target, train_iter)  # the newest that restores (corrupt ones set aside)
+    # the newest that restores (corrupt ones set aside)
+    state = ckpts.restore(run['abstract'], train_iter)
     print(f'resuming from step {ckpts.latest_step()} in {ckpts.directory}', flush=True)
     return state
-  state = jax.jit(run['init'], out_shardings=run['state_sh'])(jax.random.key(config.seed))
+  state = run['init'](jax.random.key(config.seed))
   if config.init_checkpoint:
     variables = _init_variables(config, run)
-    put = lambda tree: jax.device_put(tree, sharding.replicated(run['mesh']))
-    state = state.replace(params=put(variables['params']),
-                          batch_stats=put(variables.get('batch_stats', {})))
+    sh = run['state_sh']
+    state = state.replace(**jax.device_put(
+        variables, {'params': sh.params, 'batch_stats': sh.batch_stats}))
     print(f'initialised from {config.init_checkpoint}', flush=True)
   return state
 
@@ -412,8 +408,7 @@ def _restore_for_inference(config, run, which: str):
     if not config.init_checkpoint:
       raise FileNotFoundError(f'no checkpoint in {ckpts.directory} and no init_checkpoint')
     return initial_state(config, run), 0
-  target = sharding.with_shardings(run['abstract'], run['state_sh'])
-  return ckpts.restore(target, None, step), step
+  return ckpts.restore(run['abstract'], None, step), step
 
 
 def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:

@@ -62,7 +62,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   # eval mode on the saved checkpoint reproduces the training run's final number, also when the
   # 8-device checkpoint is restored onto 2 devices
-  c.num_devices = 2
+  c.mesh = (('data', 2),)
   again = train.evaluate(c, str(workdir), checkpoint='latest')
   assert again['miou'] == pytest.approx(out['val']['miou'], abs=1e-9)
   c.eval_scales, c.eval_flip = (0.75, 1.0, 1.25), True  # multi-scale + flip path runs
@@ -71,7 +71,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   # params and BN statistics, not its optimizer state or step
   best, _ = train._restore_for_inference(c, train.setup(c, str(workdir), splits=()), 'best')
   c2 = tiny_config()
-  c2.data_dir, c2.num_devices, c2.init_checkpoint = c.data_dir, 2, str(workdir)
+  c2.data_dir, c2.mesh, c2.init_checkpoint = c.data_dir, (('data', 2),), str(workdir)
   fresh = train.initial_state(c2, train.setup(c2, str(tmp_path / 'run2'), splits=()))
   assert int(fresh.step) == 0
   jax.tree.map(np.testing.assert_array_equal, (fresh.params, fresh.batch_stats),
