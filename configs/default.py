@@ -50,6 +50,7 @@ def get_config():
   c.grad_clip_norm = 0.0  # 0 = off
   c.grad_accum_steps = 1
   # loss
+  c.loss = 'cross_entropy'  # a losses.LOSSES name
   c.loss_mode = 'quarter'  # 'quarter' (official: labels at 1/4) or 'upsample' (PyTorch ports)
   c.class_weights = ()
   c.aux_weights = ()

@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from refinenet_jax.tree_check import CheckpointMismatchError, check_tree

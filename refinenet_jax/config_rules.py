@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from refinenet_jax.losses import LOSS_MODES, LOSS_REDUCTIONS
+from refinenet_jax.losses import LOSS_MODES, LOSS_REDUCTIONS, LOSSES
 from refinenet_jax.optim import OPTIMIZERS
 from refinenet_jax.sharding import RULE_SETS
 
@@ -20,8 +20,8 @@ _NON_NEGATIVE_INTS = ('warmup_steps', 'eval_every', 'checkpoint_every', 'data_th
 _NON_NEGATIVE_FLOATS = ('learning_rate', 'weight_decay', 'encoder_lr_mult', 'grad_clip_norm',
                         'poly_power')
 _SIZES = ('crop_size', 'eval_size', 'eval_window', 'eval_stride')  # () or (H, W) > 0
-_CHOICES = {'optimizer': OPTIMIZERS, 'loss_mode': LOSS_MODES, 'loss_reduction': LOSS_REDUCTIONS,
-            'compute_dtype': ('float32', 'bfloat16', 'float16')}
+_CHOICES = {'optimizer': OPTIMIZERS, 'loss': tuple(LOSSES), 'loss_mode': LOSS_MODES,
+            'loss_reduction': LOSS_REDUCTIONS, 'compute_dtype': ('float32', 'bfloat16', 'float16')}
 
 
 class ConfigValueError(ValueError):

@@ -6,7 +6,8 @@ label size first ('upsample'). Auxiliary heads (deep supervision) reuse the same
 """
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +88,19 @@ def segmentation_loss(logits, labels, *, ignore_label: int = 255, mode: str = 'q
     parts[f'loss/aux{i}'] = _reduced(aux, labels, **kwargs)
     loss = loss + w * parts[f'loss/aux{i}']
   return loss, parts
+
+
+# name -> loss with segmentation_loss's keywords; ``config.loss`` picks one, ``from_config`` binds
+# the config's settings, and ``steps.train_step`` calls the result as
+# ``loss_fn(logits, labels, aux_logits=...) -> (loss, {'loss/main': ..., ...})``.
+LOSSES: dict[str, Callable] = {'cross_entropy': segmentation_loss}
+
+
+def from_config(config, ignore_label: int = 255) -> Callable:
+  """The loss the config asks for, its settings bound (the trainer's ``loss_fn``)."""
+  if config.loss not in LOSSES:
+    raise ValueError(f'unknown loss {config.loss!r}; valid: {sorted(LOSSES)}')
+  return functools.partial(LOSSES[config.loss], ignore_label=ignore_label, mode=config.loss_mode,
+                           class_weights=tuple(config.class_weights) or None,
+                           aux_weights=tuple(config.aux_weights),
+                           reduction=config.loss_reduction)

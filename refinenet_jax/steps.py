@@ -5,7 +5,7 @@ statistics) covers the whole global batch; the trainer decides shardings (``shar
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,25 +36,24 @@ def split_outputs(outputs):
   return outputs, ()
 
 
-def train_step(state: TrainState, batch: dict, *, model, ignore_label: int = 255,
-               loss_mode: str = 'quarter', class_weights: Sequence[float] | None = None,
-               aux_weights: Sequence[float] = (), loss_reduction: str = 'mean'):
-  """One optimizer (micro-)step on uint8 images; returns (state, metrics of this batch)."""
+def train_step(state: TrainState, batch: dict, *, model,
+               loss_fn: Callable = losses.segmentation_loss):
+  """One optimizer (micro-)step on uint8 images; returns (state, metrics of this batch).
+
+  ``loss_fn(logits, labels, aux_logits=...) -> (loss, parts)``: ``losses.from_config``'s.
+  """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = normalize_images(batch['image'], model.normalization)
 
-  def loss_fn(params):
+  def objective(params):
     outputs, updates = model.apply({'params': params, 'batch_stats': state.batch_stats},
                                    images, train=True, rngs={'dropout': rng},
                                    mutable=['batch_stats'])
     logits, aux = split_outputs(outputs)
-    loss, parts = losses.segmentation_loss(
-        logits, batch['label'], ignore_label=ignore_label, mode=loss_mode,
-        class_weights=class_weights, aux_logits=aux, aux_weights=aux_weights,
-        reduction=loss_reduction)
+    loss, parts = loss_fn(logits, batch['label'], aux_logits=aux)
     return loss, (updates, parts)
 
-  (loss, (updates, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (updates, parts)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
 

@@ -8,23 +8,27 @@ Everything here is importable (main.py only parses flags), so notebooks and test
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import signal
 import time
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 
-from refinenet_jax import (checkpoint, config_rules, metrics, optim, sharding, steps, tree_check,
-                           writers)
+from refinenet_jax import (checkpoint, config_rules, losses, metrics, optim, sharding, steps,
+                           tree_check, writers)
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
-from refinenet_jax.data.builders.folder import FolderConfig
-from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
-from refinenet_jax.models import create_model
+from refinenet_jax import models
+from refinenet_jax.convert.orbax_io import read_weights
 
 TrainState = steps.TrainState
 
@@ -38,27 +42,17 @@ def build_model(config):
   overrides = config.model_overrides.to_dict()
   if config.compute_dtype != 'float32':
     overrides['dtype'] = jnp.dtype(config.compute_dtype)
-  return create_model(config.model, config.num_classes, **overrides)
+  return models.create_model(config.model, config.num_classes, **overrides)
 
 
 def make_data(config, normalization: str, splits=('train', 'eval')):
   """(dataset info, train dataset, eval dataset, (n_train, n_eval, crop, eval bucket))."""
-  kwargs = {'config': config.dataset_config} if config.dataset_config else {}
-  if config.dataset == 'folder':  # custom data: manual_dir is the folder itself
-    root = os.path.expanduser(config.manual_dir)
-    kwargs['config'] = FolderConfig(name=os.path.basename(os.path.normpath(root)), root=root)
-  if config.dataset == 'synthetic_scenes':
-    kwargs['config'] = SyntheticScenesConfig(image_size=config.image_size,
-                                             num_train=config.num_train, num_val=config.num_val,
-                                             seed=config.data_seed)
   # only process 0 builds; the others wait for it and then read the same files
   if jax.process_index() == 0:
-    builder = datasets.prepare(config.dataset, config.data_dir or None,
-                               (config.dataset != 'folder' and config.manual_dir) or None,
-                               **kwargs)
+    builder = datasets.prepare_for(config)
   _sync('dataset built')
   if jax.process_index() != 0:
-    builder = datasets.prepare(config.dataset, config.data_dir or None, None, **kwargs)
+    builder = datasets.prepare_for(config, build=False)
   info = datasets.info(builder)
   if info.num_classes != config.num_classes:
     raise ValueError(f'config.num_classes={config.num_classes} but {info.name} has '
@@ -128,9 +122,11 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _eval_kwargs(config, fill, window=None):
-  """Inference settings of the config; ``window`` (setup's 'eval_window') overrides its own."""
+def inference_settings(config, model, window=None) -> dict:
+  """The config's inference settings (``steps.predict_step``'s keywords), for evaluation,
+  training's panels and predict alike; ``window`` (``Run.eval_window``) overrides the config's."""
   window = window or tuple(config.eval_window) or None
+  fill = transforms.fill_value(model.normalization)
   return dict(scales=tuple(config.eval_scales), flip=config.eval_flip, window=window,
               stride=tuple(config.eval_stride) or None, pad_value=tuple(float(f) for f in fill))
 
@@ -176,8 +172,37 @@ def _checkpoint_meta(config, model) -> dict:
           'normalization': model.normalization, 'config': config.to_json_best_effort()}
 
 
-def setup(config, workdir: str, splits=('train', 'eval')):
-  """Everything a run needs, as a dict (used by train, eval and predict modes)."""
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run is made of (``setup``): train, eval and predict modes share it."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: Any
+  tx: optax.GradientTransformation
+  info: datasets.DatasetInfo
+  train_ds: Any  # grain datasets, None for the splits not asked for
+  eval_ds: Any
+  n_train: int
+  n_eval: int
+  crop: tuple[int, int]
+  eval_size: tuple[int, int] | None
+  eval_window: tuple[int, int] | None
+  abstract: TrainState  # shapes and dtypes, each leaf carrying its target sharding
+  ckpts: checkpoint.Checkpoints
+
+  @property
+  def state_sh(self) -> TrainState:
+    return sharding.shardings_of(self.abstract)
+
+  def init(self, rng) -> TrainState:
+    """A freshly initialised state, placed by the config's sharding rules."""
+    return sharding.create_train_state(
+        rng, model=self.model, tx=self.tx, input_shape=(1, *self.crop, 3), mesh=self.mesh,
+        rules=self.config.sharding_rules)
+
+
+def setup(config, workdir: str, splits=('train', 'eval')) -> Run:
+  """Checks the config and the workdir, then builds the mesh, model, data and checkpoints."""
   config_rules.check(config)
   checkpoint.check_writable(workdir, 'workdir')  # now, not after an hour of training
   checkpoint.check_writable(os.path.join(workdir, 'checkpoints'))
@@ -185,21 +210,19 @@ def setup(config, workdir: str, splits=('train', 'eval')):
   sharding.check_batch_size(config.batch_size, mesh)
   sharding.check_batch_size(config.eval_batch_size, mesh, 'eval batch size')
   model = build_model(config)
-  info, train_ds, eval_ds, sizes = make_data(config, model.normalization, splits)
+  info, train_ds, eval_ds, (n_train, n_eval, crop, eval_size) = make_data(
+      config, model.normalization, splits)
   tx = optim.make_optimizer(config)
-  init = functools.partial(sharding.create_train_state, model=model, tx=tx,
-                           input_shape=(1, *sizes[2], 3), mesh=mesh, rules=config.sharding_rules)
   abstract = sharding.abstract_train_state(
-      jax.random.key(config.seed), model=model, tx=tx, input_shape=(1, *sizes[2], 3),
-      mesh=mesh, rules=config.sharding_rules)
-  state_sh = sharding.shardings_of(abstract)
-  window = eval_window(config, sizes[3], sizes[2], mesh.size) if eval_ds is not None else None
+      jax.random.key(config.seed), model=model, tx=tx, input_shape=(1, *crop, 3), mesh=mesh,
+      rules=config.sharding_rules)
+  window = eval_window(config, eval_size, crop, mesh.size) if eval_ds is not None else None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints,
                                  meta=_checkpoint_meta(config, model))
-  return dict(mesh=mesh, model=model, info=info, train_ds=train_ds, eval_ds=eval_ds,
-              sizes=sizes, init=init, abstract=abstract, state_sh=state_sh, ckpts=ckpts,
-              eval_window=window)
+  return Run(config=config, mesh=mesh, model=model, tx=tx, info=info, train_ds=train_ds,
+             eval_ds=eval_ds, n_train=n_train, n_eval=n_eval, crop=crop, eval_size=eval_size,
+             eval_window=window, abstract=abstract, ckpts=ckpts)
 
 
 def loss_parts(metrics: dict, model) -> dict:
@@ -216,28 +239,34 @@ def loss_parts(metrics: dict, model) -> dict:
   return out
 
 
-def make_train_step(config, model, mesh, state_sh, ignore_label: int = 255, wrap=None):
-  """The jitted, donating, sharded train step the trainer runs (benchmarks time this one).
-
-  ``wrap`` transforms the pure step before jit (the benchmark's per-device shard_map variant).
-  """
-  step = functools.partial(steps.train_step, model=model, ignore_label=ignore_label,
-                           loss_mode=config.loss_mode,
-                           class_weights=tuple(config.class_weights) or None,
-                           aux_weights=tuple(config.aux_weights),
-                           loss_reduction=config.loss_reduction)
-  step = wrap(step) if wrap is not None else step
+def make_train_step(config, model, mesh, state_sh, ignore_label: int = 255):
+  """The jitted, donating, sharded train step the trainer runs (benchmarks time this one)."""
+  step = functools.partial(steps.train_step, model=model,
+                           loss_fn=losses.from_config(config, ignore_label))
   return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def make_eval_step(config, model, num_classes: int, ignore_label: int = 255, window=None):
-  """The jitted eval step (confusion matrix of a global batch) with the config's eval settings
-  (``window``: setup's 'eval_window'); its shardings come from its arguments (``put_batch``'s,
-  or ShapeDtypeStructs')."""
+  """The jitted eval step (confusion matrix of a global batch) with the config's inference
+  settings; its shardings come from its arguments (``put_batch``'s, or ShapeDtypeStructs')."""
   return jax.jit(functools.partial(
       steps.eval_step, model=model, num_classes=num_classes, ignore_label=ignore_label,
-      **_eval_kwargs(config, transforms.fill_value(model.normalization), window)))
+      **inference_settings(config, model, window)))
+
+
+def make_eval_fn(config, run: Run):
+  """``state -> scores`` over the eval split: what training's evaluations and ``evaluate``
+  (``--mode=eval``) both run."""
+  step = make_eval_step(config, run.model, run.info.num_classes, run.info.ignore_label,
+                        run.eval_window)
+  return lambda state: run_evaluation(state, step, run.eval_ds, run.mesh, run.info.num_classes)
+
+
+def print_scores(info, result: dict) -> None:
+  for name, iou in zip(info.class_names, result['per_class_iou']):
+    print(f'  IoU {name:<12s} {iou:.4f}')
+  print(f'pixel acc: {result["pixel_acc"]:.4f}  mean acc: {result["mean_acc"]:.4f}')
 
 
 def _init_variables(config, run) -> dict:
@@ -247,40 +276,31 @@ def _init_variables(config, run) -> dict:
   (its best step). A coarser FCN starts a finer one (staged 32s -> 16s -> 8s training: the new
   skips start at zero); any other model, class count or normalisation is refused.
   """
-  from refinenet_jax.convert.orbax_io import META, load_converted
-  from refinenet_jax.models import fcn
-  path, model = config.init_checkpoint, run['model']
-  if os.path.exists(os.path.join(path, META)):
-    with open(os.path.join(path, META)) as f:
-      meta = json.load(f)
-    _, variables = load_converted(path)
-  else:
-    meta, variables = checkpoint.read_variables(path, sharding.replicated(run['mesh']))
+  path, model = config.init_checkpoint, run.model
+  meta, variables = read_weights(path, sharding.replicated(run.mesh))
   for key, want in (('num_classes', config.num_classes), ('normalization', model.normalization)):
     if meta.get(key, want) != want:
       raise ValueError(f'{path} has {key} {meta[key]!r}; this run needs {want!r}')
   if meta['model'] != config.model:
-    if not fcn.is_coarser(meta['model'], config.model):
-      raise ValueError(f'{path} holds {meta["model"]}, not {config.model}')
-    variables = fcn.upgrade_variables(variables, model)
+    variables = models.start_from(meta['model'], config.model, variables, model, where=path)
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  abstract = {'params': run['abstract'].params, 'batch_stats': run['abstract'].batch_stats}
+  abstract = {'params': run.abstract.params, 'batch_stats': run.abstract.batch_stats}
   tree_check.check_tree(variables, abstract, f' ({path})')
   return variables
 
 
 def initial_state(config, run, train_iter=None):
   """Newest checkpoint in the workdir, else ``config.init_checkpoint``, else random init."""
-  ckpts = run['ckpts']
+  ckpts = run.ckpts
   if ckpts.latest_step() is not None:
     # the newest that restores (corrupt ones set aside)
-    state = ckpts.restore(run['abstract'], train_iter)
+    state = ckpts.restore(run.abstract, train_iter)
     print(f'resuming from step {ckpts.latest_step()} in {ckpts.directory}', flush=True)
     return state
-  state = run['init'](jax.random.key(config.seed))
+  state = run.init(jax.random.key(config.seed))
   if config.init_checkpoint:
     variables = _init_variables(config, run)
-    sh = run['state_sh']
+    sh = run.state_sh
     state = state.replace(**jax.device_put(
         variables, {'params': sh.params, 'batch_stats': sh.batch_stats}))
     print(f'initialised from {config.init_checkpoint}', flush=True)
@@ -289,9 +309,8 @@ def initial_state(config, run, train_iter=None):
 
 def train_and_evaluate(config, workdir: str) -> dict:
   run = setup(config, workdir)
-  mesh, model, info, ckpts = run['mesh'], run['model'], run['info'], run['ckpts']
-  n_train, n_eval, crop, eval_size = run['sizes']
-  train_iter = iter(run['train_ds'])
+  mesh, model, info, ckpts = run.mesh, run.model, run.info, run.ckpts
+  train_iter = iter(run.train_ds)
   state = initial_state(config, run, train_iter)
   start = int(jax.device_get(state.step))
   groups = optim.param_labels(state.params)
@@ -299,15 +318,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
               if g == 'encoder')
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.model}: {n_params:,} parameters ({n_enc:,} encoder); {info.name}: '
-        f'{n_train} train images (crops {crop}), {n_eval} eval images (padded to {eval_size}); '
+        f'{run.n_train} train images (crops {run.crop}), {run.n_eval} eval images (padded to '
+        f'{run.eval_size}); '
         f'{mesh.size} device(s) on {jax.process_count()} process(es)', flush=True)
 
-  step_fn = make_train_step(config, model, mesh, run['state_sh'], info.ignore_label)
-  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label,
-                           run['eval_window'])
+  step_fn = make_train_step(config, model, mesh, run.state_sh, info.ignore_label)
+  eval_fn = make_eval_fn(config, run)
   predict_fn = jax.jit(functools.partial(  # the panels show what is scored
-      steps.predict_step, model=model,
-      **_eval_kwargs(config, transforms.fill_value(model.normalization), run['eval_window'])))
+      steps.predict_step, model=model, **inference_settings(config, model, run.eval_window)))
   lr_fn = optim.learning_rate_fn(config)
   writer = writers.MetricWriter(workdir, tensorboard=config.tensorboard)
   total = config.num_steps * config.grad_accum_steps  # micro-steps
@@ -315,13 +333,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def evaluate_now(step):
     """Scores of the step just saved (``record_score`` ranks it once the evaluation is done)."""
     try:
-      result = run_evaluation(state, eval_fn, run['eval_ds'], mesh, info.num_classes)
+      result = eval_fn(state)
     except BaseException:
       ckpts.wait()  # the step saved before this evaluation is complete on disk
       raise
     writer.scalars(step, {'eval/miou': result['miou'], 'eval/pixel_acc': result['pixel_acc'],
                           'eval/mean_acc': result['mean_acc'], 'eval/fw_iou': result['fw_iou']})
-    batch = next(iter(run['eval_ds']))
+    batch = next(iter(run.eval_ds))
     preds = np.asarray(jax.device_get(predict_fn(state, sharding.put_batch(batch, mesh))))
     writer.images(step, {f'eval/sample{i}': writers.prediction_panel(
         batch['image'][i], batch['label'][i], preds[i], info.palette, info.ignore_label)
@@ -387,9 +405,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpts.record_score(total, result['miou'])
   ckpts.wait()
   writer.flush()
-  for name, iou in zip(info.class_names, result['per_class_iou']):
-    print(f'  IoU {name:<12s} {iou:.4f}')
-  print(f'pixel acc: {result["pixel_acc"]:.4f}  mean acc: {result["mean_acc"]:.4f}')
+  print_scores(info, result)
   print(f'val mIoU: {result["miou"]:.4f}  (train {train_time:.0f} s)', flush=True)
   out = {'val': result, 'train_loss': history, 'train_seconds': train_time, 'step': total}
   if jax.process_index() == 0:
@@ -401,34 +417,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def _restore_for_inference(config, run, which: str):
-  ckpts = run['ckpts']
+  ckpts = run.ckpts
   step = ckpts.best_step() if which == 'best' else ckpts.latest_step()
   step = ckpts.latest_step() if step is None else step
   if step is None:
     if not config.init_checkpoint:
       raise FileNotFoundError(f'no checkpoint in {ckpts.directory} and no init_checkpoint')
     return initial_state(config, run), 0
-  return ckpts.restore(run['abstract'], None, step), step
+  return ckpts.restore(run.abstract, None, step), step
 
 
 def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
   """Evaluates the best (or latest) checkpoint with the config's eval settings."""
   run = setup(config, workdir, splits=('eval',))
   state, step = _restore_for_inference(config, run, checkpoint)
-  model, info = run['model'], run['info']
-  eval_fn = make_eval_step(config, model, info.num_classes, info.ignore_label,
-                           run['eval_window'])
+  info = run.info
   t0 = time.time()
-  result = run_evaluation(state, eval_fn, run['eval_ds'], run['mesh'], info.num_classes)
-  for name, iou in zip(info.class_names, result['per_class_iou']):
-    print(f'  IoU {name:<12s} {iou:.4f}')
+  result = make_eval_fn(config, run)(state)
+  print_scores(info, result)
   print(f'{info.name} {config.eval_split} (step {step}, scales {tuple(config.eval_scales)}, '
         f'flip {config.eval_flip}): mIoU {result["miou"]:.4f}  pixel acc '
         f'{result["pixel_acc"]:.4f}  ({time.time() - t0:.0f} s)', flush=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json'), 'w') as f:
       json.dump({'step': step, **result}, f, indent=2)
-  run['ckpts'].close()
+  run.ckpts.close()
   return result
 
 
@@ -486,11 +499,11 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
   os.makedirs(output_dir, exist_ok=True)
   run = setup(config, workdir, splits=())
   state, _ = _restore_for_inference(config, run, checkpoint)
-  model, info = run['model'], run['info']
+  model, info = run.model, run.info
   single = sharding.make_mesh(1)  # one image at a time, any size: no batch to shard
   state = jax.device_put(state, sharding.replicated(single))
-  kwargs = _eval_kwargs(config, transforms.fill_value(model.normalization))
-  predict_fn = jax.jit(functools.partial(steps.predict_step, model=model, **kwargs))
+  predict_fn = jax.jit(functools.partial(steps.predict_step, model=model,
+                                         **inference_settings(config, model)))
   written, failures = [], []
   for name, paths in outputs.items():
     path = os.path.join(input_dir, name)
@@ -505,7 +518,7 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
     for out, array in zip(paths, (colours, writers.overlay(image, colours))):
       Image.fromarray(array).save(out)
       written.append(out)
-  run['ckpts'].close()
+  run.ckpts.close()
   print(f'wrote {len(written)} files for {len(outputs) - len(failures)} images to {output_dir}',
         flush=True)
   if failures:

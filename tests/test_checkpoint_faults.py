@@ -200,9 +200,9 @@ def test_no_restorable_checkpoint_is_a_clear_error_and_a_mismatch_is_never_skipp
   with pytest.raises(CheckpointMismatchError, match='params/path3_adapt/kernel'):
     run = train.setup(other, str(workdir), splits=('train',))
     try:
-      train.initial_state(other, run, iter(run['train_ds']))
+      train.initial_state(other, run, iter(run.train_ds))
     finally:
-      run['ckpts'].close()
+      run.ckpts.close()
   assert _steps(workdir) == [2, 4]
   # every checkpoint corrupt: each is named with its reason, and kept
   _corrupt(workdir / 'checkpoints' / '4', 'deleted_METADATA')
@@ -210,9 +210,9 @@ def test_no_restorable_checkpoint_is_a_clear_error_and_a_mismatch_is_never_skipp
   run = train.setup(config, str(workdir), splits=('train',))
   try:
     with pytest.raises(checkpoint.NoRestorableCheckpointError) as info:
-      train.initial_state(config, run, iter(run['train_ds']))
+      train.initial_state(config, run, iter(run.train_ds))
   finally:
-    run['ckpts'].close()
+    run.ckpts.close()
   message = str(info.value)
   assert 'step 4: state/_METADATA' in message
   assert 'step 2: item folder state/ is missing' in message

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import refinenet_jax as rj
-from refinenet_jax import sharding, steps, train
+from refinenet_jax import losses, sharding, steps, train
 from refinenet_jax.convert import CheckpointMismatchError, save_converted
 from refinenet_jax.convert.fcn_torch import export_state_dict, import_state_dict
 from refinenet_jax.models import fcn
@@ -352,8 +352,8 @@ def test_training_steps_reduce_the_loss(name, reduction):
   lr = 1e-3 if reduction == 'mean' else 1e-3 / n_pixels  # a summed loss scales the gradient
   state = train.create_train_state(jax.random.key(0), model=model, tx=optax.sgd(lr, 0.9),
                                    input_shape=(1, 24, 28, 3))
-  step = jax.jit(functools.partial(steps.train_step, model=model, loss_mode='upsample',
-                                   loss_reduction=reduction))
+  loss_fn = functools.partial(losses.segmentation_loss, mode='upsample', reduction=reduction)
+  step = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=loss_fn))
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
   history = []
   for _ in range(4):

@@ -1,4 +1,6 @@
 """Optimizer and loss semantics, each checked against a hand-computed reference."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -294,8 +296,9 @@ def test_train_step_threads_the_loss_reduction():
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.integers(0, 255, (2, 8, 8, 3)), jnp.uint8),
            'label': jnp.asarray(rng.integers(0, 3, (2, 8, 8)), jnp.int32)}
-  run = lambda **kw: steps.train_step(state, batch, model=model, loss_mode='upsample', **kw)[1]
-  mean, default, summed = run(loss_reduction='mean'), run(), run(loss_reduction='sum')
+  run = lambda **kw: steps.train_step(state, batch, model=model, loss_fn=functools.partial(
+      losses.segmentation_loss, mode='upsample', **kw))[1]
+  mean, default, summed = run(reduction='mean'), run(), run(reduction='sum')
   assert float(mean['loss']) == float(default['loss'])
   np.testing.assert_allclose(summed['loss'], mean['loss'] * 2 * 8 * 8, rtol=1e-5)
   np.testing.assert_allclose(summed['grad_norm'], mean['grad_norm'] * 2 * 8 * 8, rtol=1e-4)

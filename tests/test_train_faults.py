@@ -110,7 +110,7 @@ def test_best_step_is_the_best_scored_and_kept(trained):
   run = train.setup(c, workdir, splits=())
   best, step = train._restore_for_inference(c, run, 'best')
   latest, _ = train._restore_for_inference(c, run, 'latest')
-  run['ckpts'].close()
+  run.ckpts.close()
   assert step == 4 and int(best.step) == 4
   # a new run initialised from this workdir starts from the best step too
   _, variables = checkpoint.read_variables(

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from refinenet_jax.checkpoint import read_variables
 from refinenet_jax.models import create_model
 from refinenet_jax.tree_check import check_tree
 
@@ -41,6 +42,18 @@ def save_converted(path, variables, *, model_name: str, num_classes: int, overri
   with open(os.path.join(path, META), 'w') as f:
     json.dump(meta, f, indent=2)
   return path
+
+
+def read_weights(path, sharding) -> tuple[dict, dict]:
+  """(meta, {'params', 'batch_stats'}) from converted weights or a run's workdir (its best
+  step): what ``init_checkpoint`` names. Arrays are placed by ``sharding``."""
+  if not os.path.exists(os.path.join(path, META)):
+    return read_variables(path, sharding)
+  with open(os.path.join(path, META)) as f:
+    meta = json.load(f)
+  _, variables = load_converted(path)
+  variables = jax.device_put(variables, sharding)
+  return meta, {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
 def load_converted(path, *, expect_model: str | None = None,

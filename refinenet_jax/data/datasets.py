@@ -99,6 +99,16 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   return builder
 
 
+def prepare_for(config, build: bool = True) -> base.SegmentationBuilder:
+  """The builder a run config names (``config.dataset``, its builder's ``from_run_config``),
+  built unless ``build`` is False (a multi-host job's other processes open process 0's build)."""
+  if config.dataset not in BUILDERS:
+    raise KeyError(f'unknown dataset {config.dataset!r}; known: {list_datasets()}')
+  builder_config, manual_dir = BUILDERS[config.dataset].from_run_config(config)
+  return prepare(config.dataset, config.data_dir or None, manual_dir if build else None,
+                 config=builder_config)
+
+
 def info(builder: base.SegmentationBuilder) -> DatasetInfo:
   return DatasetInfo(name=builder.name, num_classes=len(builder.class_names),
                      ignore_label=int(builder.IGNORE_LABEL),

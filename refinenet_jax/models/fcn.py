@@ -242,6 +242,12 @@ def upgrade_variables(variables, model: FCN, source: FCN | None = None):
   return {'params': traverse_util.unflatten_dict(out)}
 
 
+def start_from(source: str, target: str, variables, model: FCN):
+  """The registry hook (``models.start_from``): a coarser FCN starts a finer one; None for any
+  other source."""
+  return upgrade_variables(variables, model) if is_coarser(source, target) else None
+
+
 _AT_ONCE = dict(output_stride=8, skip_scales=(0.01, 0.0001))
 # Test-sized trunk: the same graph (pad 100, 7x7 fc6, all crops) with a few channels.
 _TINY = dict(widths=(4, 8, 8, 16, 16), fc_width=32)

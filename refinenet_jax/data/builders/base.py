@@ -330,6 +330,13 @@ class SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     kwargs.setdefault('file_format', 'array_record')  # TFRecord writing would need TensorFlow
     super().__init__(**kwargs)
 
+  @classmethod
+  def from_run_config(cls, config) -> tuple[object, str | None]:
+    """(builder config, manual_dir) a run config (``configs/default.py``) asks for: by default
+    ``config.dataset_config`` (a name, e.g. voc2012 'aug') and ``config.manual_dir``. Builders
+    whose config comes from other keys override this."""
+    return config.dataset_config or None, config.manual_dir or None
+
   @property
   def class_names(self) -> tuple[str, ...]:
     return tuple(self.CLASS_NAMES)

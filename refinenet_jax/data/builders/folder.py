@@ -72,6 +72,12 @@ class Folder(base.SegmentationBuilder, skip_registration=True):
   name = 'folder'
   MANUAL_DOWNLOAD_INSTRUCTIONS = None
 
+  @classmethod
+  def from_run_config(cls, config):
+    """``manual_dir`` is the folder itself; the dataset is named after it."""
+    root = os.path.expanduser(config.manual_dir)
+    return FolderConfig(name=os.path.basename(os.path.normpath(root)), root=root), None
+
   def __init__(self, *, config: FolderConfig | None = None, **kwargs):
     if not isinstance(config, FolderConfig) or not config.root:
       raise ValueError('Folder needs config=FolderConfig(name=..., root=...), got '

@@ -43,6 +43,11 @@ class SyntheticScenes(base.SegmentationBuilder, skip_registration=True):
   BUILDER_CONFIGS = [SyntheticScenesConfig()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = None
 
+  @classmethod
+  def from_run_config(cls, config):
+    return SyntheticScenesConfig(image_size=config.image_size, num_train=config.num_train,
+                                 num_val=config.num_val, seed=config.data_seed), None
+
   def _examples(self, root):
     cfg = self.builder_config
     size = (cfg.image_size, cfg.image_size)
