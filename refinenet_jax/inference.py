@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from refinenet_jax.data import transforms
 from refinenet_jax.models.layers import resize_bilinear
 
 # Official RefineNet multi-scale test (demo_predict_mscale_*.m + fuse_multiscale_results.m):
@@ -21,6 +22,16 @@ from refinenet_jax.models.layers import resize_bilinear
 OFFICIAL_SCALES = (0.4, 0.6, 0.8, 1.0, 1.2)
 
 LogitsFn = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def settings(config, normalization: str, window=None) -> dict:
+  """``predict_labels``' keywords from a run config's eval keys (evaluation, training's panels
+  and predict alike); ``window`` (the trainer's resolved one) overrides ``config.eval_window``.
+  Padding is the model's mean pixel (``normalization``), which normalises to ~0."""
+  window = window or tuple(config.eval_window) or None
+  return dict(scales=tuple(config.eval_scales), flip=config.eval_flip, window=window,
+              stride=tuple(config.eval_stride) or None,
+              pad_value=tuple(float(f) for f in transforms.fill_value(normalization)))
 
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:

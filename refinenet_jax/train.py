@@ -23,8 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from refinenet_jax import (checkpoint, config_rules, losses, metrics, optim, sharding, steps,
-                           tree_check, writers)
+from refinenet_jax import (checkpoint, config_rules, inference, losses, metrics, optim, sharding,
+                           steps, tree_check, writers)
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax import models
@@ -120,15 +120,6 @@ def _sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
-
-
-def inference_settings(config, model, window=None) -> dict:
-  """The config's inference settings (``steps.predict_step``'s keywords), for evaluation,
-  training's panels and predict alike; ``window`` (``Run.eval_window``) overrides the config's."""
-  window = window or tuple(config.eval_window) or None
-  fill = transforms.fill_value(model.normalization)
-  return dict(scales=tuple(config.eval_scales), flip=config.eval_flip, window=window,
-              stride=tuple(config.eval_stride) or None, pad_value=tuple(float(f) for f in fill))
 
 
 def run_evaluation(state, eval_fn, eval_ds, mesh, num_classes: int) -> dict:
@@ -252,7 +243,7 @@ def make_eval_step(config, model, num_classes: int, ignore_label: int = 255, win
   settings; its shardings come from its arguments (``put_batch``'s, or ShapeDtypeStructs')."""
   return jax.jit(functools.partial(
       steps.eval_step, model=model, num_classes=num_classes, ignore_label=ignore_label,
-      **inference_settings(config, model, window)))
+      **inference.settings(config, model.normalization, window)))
 
 
 def make_eval_fn(config, run: Run):
@@ -325,7 +316,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step_fn = make_train_step(config, model, mesh, run.state_sh, info.ignore_label)
   eval_fn = make_eval_fn(config, run)
   predict_fn = jax.jit(functools.partial(  # the panels show what is scored
-      steps.predict_step, model=model, **inference_settings(config, model, run.eval_window)))
+      steps.predict_step, model=model,
+      **inference.settings(config, model.normalization, run.eval_window)))
   lr_fn = optim.learning_rate_fn(config)
   writer = writers.MetricWriter(workdir, tensorboard=config.tensorboard)
   total = config.num_steps * config.grad_accum_steps  # micro-steps
@@ -503,7 +495,7 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
   single = sharding.make_mesh(1)  # one image at a time, any size: no batch to shard
   state = jax.device_put(state, sharding.replicated(single))
   predict_fn = jax.jit(functools.partial(steps.predict_step, model=model,
-                                         **inference_settings(config, model)))
+                                         **inference.settings(config, model.normalization)))
   written, failures = [], []
   for name, paths in outputs.items():
     path = os.path.join(input_dir, name)

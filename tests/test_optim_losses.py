@@ -302,3 +302,27 @@ def test_train_step_threads_the_loss_reduction():
   assert float(mean['loss']) == float(default['loss'])
   np.testing.assert_allclose(summed['loss'], mean['loss'] * 2 * 8 * 8, rtol=1e-5)
   np.testing.assert_allclose(summed['grad_norm'], mean['grad_norm'] * 2 * 8 * 8, rtol=1e-4)
+
+
+def test_config_loss_picks_a_registered_loss_with_the_config_settings_bound(monkeypatch):
+  calls = []
+
+  def recording(logits, labels, **kwargs):
+    calls.append(kwargs)
+    return jnp.float32(0.0), {'loss/main': jnp.float32(0.0)}
+
+  monkeypatch.setitem(losses.LOSSES, 'recording', recording)
+  c = ml_collections.ConfigDict(dict(loss='recording', loss_mode='upsample',
+                                     class_weights=(1., 2.), aux_weights=(0.4,),
+                                     loss_reduction='sum'))
+  fn = losses.from_config(c, ignore_label=7)
+  fn(_LOGITS, jnp.zeros((1, 8, 8), jnp.int32), aux_logits=())
+  assert calls == [dict(ignore_label=7, mode='upsample', class_weights=(1., 2.),
+                        aux_weights=(0.4,), reduction='sum', aux_logits=())]
+  # the default binds segmentation_loss itself: the trainer's loss is what the tests above check
+  c.loss, c.class_weights = 'cross_entropy', ()
+  assert losses.from_config(c).func is losses.segmentation_loss
+  assert losses.from_config(c).keywords['class_weights'] is None
+  c.loss = 'focal'
+  with pytest.raises(ValueError, match="unknown loss 'focal'"):
+    losses.from_config(c)

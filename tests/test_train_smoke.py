@@ -100,6 +100,29 @@ def test_unknown_config_key_is_rejected():
     c.num_stepz = 3
 
 
+def test_a_new_builder_takes_its_config_from_the_run_config(tmp_path, monkeypatch):
+  """A dataset whose builder config comes from run-config keys is one builder class and one
+  BUILDERS entry: the trainer does not name it."""
+  from refinenet_jax.data import datasets
+  from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenes, SyntheticScenesConfig
+
+  class FewScenes(SyntheticScenes, skip_registration=True):
+    name = 'few_scenes'
+
+    @classmethod
+    def from_run_config(cls, config):
+      return SyntheticScenesConfig(image_size=32, num_train=config.batch_size, num_val=3,
+                                   seed=config.data_seed), None
+
+  monkeypatch.setitem(datasets.BUILDERS, 'few_scenes', FewScenes)
+  c = get_config()
+  c.dataset, c.data_dir, c.num_classes = 'few_scenes', str(tmp_path / 'tfds'), 5
+  c.batch_size, c.eval_batch_size, c.crop_size = 4, 2, (16, 16)
+  info, _, _, (n_train, n_val, _, eval_size) = train.make_data(c, 'imagenet')
+  assert (info.name, n_train, n_val, eval_size) == ('few_scenes', 4, 3, (32, 32))
+  assert (tmp_path / 'tfds' / 'few_scenes' / '32px_4_3_seed0').is_dir()
+
+
 def test_make_data_reads_a_custom_folder_dataset(tmp_path):
   from PIL import Image
   rng = np.random.default_rng(0)
