@@ -302,17 +302,17 @@ def test_staged_initialisation_keeps_the_coarser_predictions():
 
 def _run(model):
   """The parts of ``train.setup``'s result that ``train.initial_state`` reads."""
-  init = functools.partial(train.create_train_state, model=model, tx=optax.sgd(1e-3),
-                           input_shape=(1, 32, 32, 3))
   mesh = sharding.make_mesh(1)
-  abstract = jax.eval_shape(init, jax.random.key(0))
+  kw = dict(model=model, tx=optax.sgd(1e-3), input_shape=(1, 32, 32, 3), mesh=mesh)
+  init = functools.partial(sharding.create_train_state, **kw)
+  abstract = sharding.abstract_train_state(jax.random.key(0), **kw)
 
   class NoCheckpoints:
     def latest_step(self):
       return None
 
   return dict(ckpts=NoCheckpoints(), abstract=abstract, mesh=mesh, init=init, model=model,
-              state_sh=sharding.state_shardings(abstract, mesh))
+              state_sh=sharding.shardings_of(abstract))
 
 
 def test_init_checkpoint_of_a_coarser_fcn_starts_the_finer_one(tmp_path):
@@ -350,8 +350,8 @@ def test_training_steps_reduce_the_loss(name, reduction):
   model = rj.create_model(name, 3)
   n_pixels = labels.size
   lr = 1e-3 if reduction == 'mean' else 1e-3 / n_pixels  # a summed loss scales the gradient
-  state = train.create_train_state(jax.random.key(0), model=model, tx=optax.sgd(lr, 0.9),
-                                   input_shape=(1, 24, 28, 3))
+  state = steps.init_train_state(jax.random.key(0), model=model, tx=optax.sgd(lr, 0.9),
+                                 input_shape=(1, 24, 28, 3))
   step = jax.jit(functools.partial(steps.train_step, model=model, loss_mode='upsample',
                                    loss_reduction=reduction))
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}
