@@ -17,4 +17,7 @@ dry --topology=v5e:2x2 --config='configs/exfuse_ladder.py:voc,dap'
 dry --topology=v5e:4x4 --config=configs/refinenet_r101_voc.py
 dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py --eval_batch_per_chip=0 --max_batch \
     --max_batch_limit=64
+# FSDP (parameters and optimizer state split over 'data'): the per-device state memory against
+# the replicated row above (needs libtpu, as every row here)
+# dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py --config.sharding_rules=fsdp
 python -m refinenet_jax.dryrun --report="$out"
