@@ -114,3 +114,22 @@ def test_create_train_state_lands_in_the_abstract_shardings():
   plain = steps.init_train_state(jax.random.key(0), model=kw['model'], tx=kw['tx'],
                                  input_shape=kw['input_shape'])
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), plain)
+
+
+def test_fsdp_checkpoint_restores_replicated_on_another_device_count(tmp_path, capsys):
+  from configs.tiny import get_config
+  from refinenet_jax import train
+  c = get_config()
+  c.data_dir, c.tensorboard = str(tmp_path / 'data'), False
+  c.num_steps, c.mesh, c.sharding_rules = 2, (('data', 4),), 'fsdp'
+  workdir = str(tmp_path / 'run')
+  out = train.train_and_evaluate(c, workdir)
+  # the 4-device FSDP checkpoint, restored replicated onto 2 devices, scores the same
+  c.mesh, c.sharding_rules = (('data', 2),), 'replicated'
+  again = train.evaluate(c, workdir, checkpoint='latest')
+  assert again['miou'] == pytest.approx(out['val']['miou'], abs=1e-9)
+  # and training goes on from it
+  c.num_steps = 3
+  resumed = train.train_and_evaluate(c, workdir)
+  assert 'resuming from step 2' in capsys.readouterr().out
+  assert resumed['step'] == resumed['train_loss'][-1]['step'] == 3
