@@ -16,7 +16,7 @@ Modes: ``inference`` is the eval-mode forward pass to logits (``steps.logits_fn`
 the jitted, donated, sharded ``steps.train_step`` built exactly as ``train.train_and_evaluate``
 builds it (default config: SGD + momentum, weight decay, the 1/4-resolution loss). Parallel
 styles: ``jit`` is the trainer's global view (batch split over a ('data',) mesh, SyncBN
-semantics); ``shard_map`` runs the same step per device (``sharding.per_device_*``).
+semantics); ``shard_map`` runs the same step per device (``per_device.py``).
 
 With ``--profile_dir`` each configuration runs once more under ``jax.profiler`` (untimed) and
 the record gains a ``profile``: the step's device time by phase, model component and primitive,
@@ -45,9 +45,8 @@ import ml_collections
 import numpy as np
 
 from configs import default
-from experiments import op_profile, torch_reference  # torch_reference imports without torch
-from refinenet_jax import (hardware, list_models, optim, sharding, steps, train,
-                           xla_stats)
+from experiments import op_profile, per_device, torch_reference  # torch_reference: no torch
+from refinenet_jax import hardware, list_models, optim, sharding, steps, train, xla_stats
 
 MODES = ('inference', 'train')
 PARALLEL = ('jit', 'shard_map')
@@ -112,11 +111,12 @@ def _setup(model_name, num_classes, dtype, size, num_devices, overrides, config_
   model = train.build_model(config)
   config.aux_weights = (aux_weight,) * _aux_heads(model, (1, *size, 3))
   mesh = sharding.make_mesh(num_devices)
-  init = functools.partial(train.create_train_state, model=model,
-                           tx=optim.make_optimizer(config), input_shape=(1, *size, 3))
-  state_sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+  kw = dict(model=model, tx=optim.make_optimizer(config), input_shape=(1, *size, 3), mesh=mesh,
+            rules=config.sharding_rules)
+  init = sharding.train_state_initializer(jax.random.key(0), **kw)
+  state_sh = sharding.shardings_of(sharding.abstract_train_state(jax.random.key(0), **kw))
   return types.SimpleNamespace(config=config, model=model, mesh=mesh, state_sh=state_sh,
-                               init=jax.jit(init, out_shardings=state_sh))
+                               init=init)
 
 
 def setup(model_name: str, *, num_classes: int = 21, dtype: str = 'float32', size=(512, 512),
@@ -138,16 +138,16 @@ def make_step(s, mode: str, parallel: str):
   if mode not in MODES or parallel not in PARALLEL:
     raise ValueError(f'mode {mode!r} / parallel {parallel!r}; valid: {MODES} / {PARALLEL}')
   if mode == 'train':  # exactly the step train.train_and_evaluate jits
-    wrap = None
+    fn = train.make_train_step(s.config, s.model, s.mesh, s.state_sh, IGNORE_LABEL)
     if parallel == 'shard_map':
-      wrap = functools.partial(sharding.per_device_train_step, mesh=s.mesh)
-    return train.make_train_step(s.config, s.model, s.mesh, s.state_sh, IGNORE_LABEL, wrap)
+      fn = per_device.per_device_train_fn(fn, s.mesh, s.state_sh)
+    return fn
   batch_sh, repl = sharding.batch_sharding(s.mesh), sharding.replicated(s.mesh)
 
   def forward(state, images):
     return steps.logits_fn(state, s.model)(images)
   if parallel == 'shard_map':
-    forward = sharding.per_device_forward(forward, s.mesh)
+    forward = per_device.per_device_forward(forward, s.mesh)
   return jax.jit(forward, in_shardings=(repl, batch_sh), out_shardings=batch_sh)
 
 

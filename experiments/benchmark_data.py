@@ -19,7 +19,7 @@ import jax
 import tensorflow_datasets as tfds
 
 from configs.default import get_config
-from refinenet_jax import optim, steps, train
+from refinenet_jax import optim, sharding, train
 from refinenet_jax.data import datasets, pipeline
 
 
@@ -56,13 +56,16 @@ def default_config(data_dir, repeats):
   c = get_config()
   c.data_dir = data_dir
   model = train.build_model(c)
-  _, train_ds, _, _ = train.make_data(c, model.normalization, splits=('train',))
+  info, train_ds, _, _ = train.make_data(c, model.normalization, splits=('train',))
   pipe, runs = _rate(lambda: iter(train_ds), c.batch_size, 150, repeats)
-  # what training consumes: the jitted step alone on one fixed batch, on this process's devices
+  # what training consumes: the trainer's jitted step alone on one fixed batch, on the mesh
+  mesh = sharding.make_mesh(c.mesh)
   batch = next(iter(train_ds))
-  state = train.create_train_state(jax.random.key(0), model=model, tx=optim.make_optimizer(c),
-                                   input_shape=(1, *batch['image'].shape[1:]))
-  step = jax.jit(lambda s, b: steps.train_step(s, b, model=model))
+  state = sharding.create_train_state(
+      jax.random.key(0), model=model, tx=optim.make_optimizer(c),
+      input_shape=(1, *batch['image'].shape[1:]), mesh=mesh, rules=c.sharding_rules)
+  step = train.make_train_step(c, model, mesh, sharding.shardings_of(state), info.ignore_label)
+  batch = sharding.put_batch(batch, mesh)
   state, m = step(state, batch)
   jax.block_until_ready(m)
   n = 40

@@ -11,10 +11,14 @@ dry() { python -m refinenet_jax.dryrun "$@" "${common[@]}"; }  # --config first
 # one single-host slice (v5e: 4 chips, 1 host) for every reference model
 dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py
 dry --topology=v5e:2x2 --config=configs/lw_refinenet_r50_voc.py
-dry --topology=v5e:2x2 --config=configs/fcn8s_voc.py --config.mesh='(("data",-1),)'  # recipe: 1 device
+# fcn8s_voc's recipe trains on 1 device; the dry run spreads it over the slice
+dry --topology=v5e:2x2 --config=configs/fcn8s_voc.py --config.mesh='(("data",-1),)'
 dry --topology=v5e:2x2 --config='configs/exfuse_ladder.py:voc,dap'
 # a multi-host slice (16 chips on 4 hosts), and the largest batch per chip
 dry --topology=v5e:4x4 --config=configs/refinenet_r101_voc.py
 dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py --eval_batch_per_chip=0 --max_batch \
     --max_batch_limit=64
+# FSDP (parameters and optimizer state split over 'data'): the per-device state memory against
+# the replicated row above (needs libtpu, as every row here)
+# dry --topology=v5e:2x2 --config=configs/refinenet_r101_voc.py --config.sharding_rules=fsdp
 python -m refinenet_jax.dryrun --report="$out"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import functools
 import gzip
 import hashlib
 import importlib.metadata
@@ -103,11 +102,10 @@ def programs(config, topo: Topology, batch_per_device: int,
   ignore_label = int(datasets.BUILDERS[config.dataset].IGNORE_LABEL)
   crop = tuple(config.crop_size) if config.crop_size else (config.image_size,) * 2
   fill = transforms.fill_value(model.normalization)
-  init = functools.partial(train.create_train_state, model=model,
-                           tx=optim.make_optimizer(config), input_shape=(1, *crop, 3))
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  state_sh = sharding.state_shardings(abstract, mesh)
-  state = sharding.with_shardings(abstract, state_sh)
+  state = sharding.abstract_train_state(
+      jax.random.key(config.seed), model=model, tx=optim.make_optimizer(config),
+      input_shape=(1, *crop, 3), mesh=mesh, rules=config.sharding_rules)
+  state_sh = sharding.shardings_of(state)
   out = {'train': (train.make_train_step(config, model, mesh, state_sh, ignore_label),
                    (state, _abstract_batch(_example(crop, fill, ignore_label), batch, mesh)))}
   if eval_batch_per_device:

@@ -152,10 +152,17 @@ def abstract_train_state(rng, *, model, tx, input_shape, mesh, rules='replicated
 def create_train_state(rng, *, model, tx, input_shape, mesh, rules='replicated'):
   """The initial train state, initialised by one jitted program straight into its shardings:
   the one way every caller (trainer, dry run, benchmarks, notebook, tests) builds it."""
+  return train_state_initializer(rng, model=model, tx=tx, input_shape=input_shape, mesh=mesh,
+                                 rules=rules)(rng)
+
+
+def train_state_initializer(rng, *, model, tx, input_shape, mesh, rules='replicated'):
+  """``create_train_state``'s jitted program, ``init(key) -> TrainState`` for keys of ``rng``'s
+  kind: a caller that makes many fresh states (the benchmark) keeps it and compiles it once."""
   init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape)
   target = abstract_train_state(rng, model=model, tx=tx, input_shape=input_shape, mesh=mesh,
                                 rules=rules)
-  return jax.jit(init, out_shardings=shardings_of(target))(rng)
+  return jax.jit(init, out_shardings=shardings_of(target))
 
 
 def shardings_of(tree):
@@ -167,38 +174,3 @@ def with_shardings(abstract_state, shardings):
   """ShapeDtypeStructs carrying target shardings: what orbax restores onto (any device count)."""
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract_state, shardings)
-
-
-def per_device_forward(fn, mesh):
-  """``fn(state, images)`` run by ``jax.shard_map`` on each device's slice of the batch, the
-  output left split over 'data': the per-device counterpart of a jit-sharded forward pass."""
-  return jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(DATA_AXIS))
-
-
-def per_device_train_step(step_fn, mesh):
-  """``step_fn(state, batch) -> (state, metrics)`` run per device on its slice of the batch
-  (pmap-style data parallelism), kept as a comparison point for the jit-sharded step.
-
-  It differs from the global view in BatchNorm only: each device normalises with its own batch
-  statistics, and the running averages are averaged afterwards (unsynchronised BN, as plain
-  DDP). Under ``check_vma`` the gradient of the replicated parameters arrives already summed over
-  the devices (the transpose of their implicit broadcast is a psum), so the optimizer is handed
-  it divided by the device count: the mean of per-device mean gradients, the global step when the
-  shards have equal pixel counts.
-  Each device draws its own dropout masks.
-  """
-  n = mesh.size
-  mean = lambda tree: jax.tree.map(lambda x: jax.lax.pmean(x, DATA_AXIS), tree)
-
-  def local(state, batch):
-    tx = state.tx
-    mean_tx = optax.GradientTransformation(
-        tx.init, lambda g, s, p=None: tx.update(jax.tree.map(lambda x: x / n, g), s, p))
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), jax.lax.axis_index(DATA_AXIS))
-    new, metrics = step_fn(state.replace(tx=mean_tx, rng=jax.random.key_data(rng)), batch)
-    metrics = mean(metrics)
-    if 'grad_norm' in metrics:  # step_fn measured the summed gradient
-      metrics['grad_norm'] = metrics['grad_norm'] / n
-    return new.replace(tx=tx, rng=state.rng, batch_stats=mean(new.batch_stats)), metrics
-
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))

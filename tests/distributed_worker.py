@@ -5,7 +5,7 @@
 Every process feeds only its rows of the global batch (``make_array_from_process_local_data``);
 process 0 writes the losses and the final parameters and BatchNorm statistics. Run as a
 subprocess by tests/test_distributed.py, which also imports :func:`train_steps` to compute the
-one-process reference in its own process.
+one-process reference in its own process (and :func:`run_steps` for its one-process comparisons).
 """
 import os
 import sys
@@ -19,19 +19,15 @@ STEPS = 3
 INIT_TIMEOUT_S = 1800
 
 
-def train_steps(mesh, process_id: int = 0, num_processes: int = 1) -> dict:
-  """{'losses', 'params/...', 'batch_stats/...'} after STEPS steps on ``mesh``, as numpy arrays.
+def run_steps(mesh, process_id: int = 0, num_processes: int = 1, rules: str = 'replicated'):
+  """(state, losses) after STEPS steps of the trainer's own jitted step on ``mesh``, the state
+  laid out by the sharding ``rules``.
 
   Imports the library here, not at module level: a worker must configure and initialize JAX
   first.
   """
-  import functools
-
-  import numpy as np
-  from flax import traverse_util
-
   from configs.default import get_config
-  from refinenet_jax import optim, sharding, steps, train
+  from refinenet_jax import optim, sharding, train
   from refinenet_jax.data import synthetic
 
   c = get_config()
@@ -39,15 +35,12 @@ def train_steps(mesh, process_id: int = 0, num_processes: int = 1) -> dict:
   c.model_overrides.path_widths = (16, 8, 8, 8)
   c.model_overrides.head_dropout = 0.5  # exercise the dropout rng too
   c.num_steps, c.warmup_steps = 10, 2
+  c.sharding_rules = rules
   model = train.build_model(c)
-  init = functools.partial(train.create_train_state, model=model, tx=optim.make_optimizer(c),
-                           input_shape=(1, 32, 32, 3))
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  state_sh = sharding.state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
-  step = jax.jit(functools.partial(steps.train_step, model=model),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  state = sharding.create_train_state(jax.random.key(0), model=model,
+                                      tx=optim.make_optimizer(c), input_shape=(1, 32, 32, 3),
+                                      mesh=mesh, rules=c.sharding_rules)
+  step = train.make_train_step(c, model, mesh, sharding.shardings_of(state))
   images, labels = synthetic.make_synthetic_scenes(GLOBAL_BATCH * STEPS, (32, 32), seed=1)
   rows = GLOBAL_BATCH // num_processes
   batches = []
@@ -63,6 +56,15 @@ def train_steps(mesh, process_id: int = 0, num_processes: int = 1) -> dict:
   for batch in batches:
     state, m = step(state, batch)
     losses.append(float(m['loss']))
+  return state, losses
+
+
+def train_steps(mesh, process_id: int = 0, num_processes: int = 1) -> dict:
+  """{'losses', 'params/...', 'batch_stats/...'} after :func:`run_steps`, as numpy arrays."""
+  import numpy as np
+  from flax import traverse_util
+
+  state, losses = run_steps(mesh, process_id, num_processes)
   flat = traverse_util.flatten_dict(jax.device_get(
       {'params': state.params, 'batch_stats': state.batch_stats}), sep='/')
   return {'losses': np.array(losses), **{k: np.asarray(v) for k, v in flat.items()}}

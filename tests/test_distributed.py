@@ -1,7 +1,7 @@
-"""Data parallelism: 1 device vs 8, one process vs two (jax.distributed on loopback)."""
+"""Data parallelism: 1 device vs 8, one process vs two (jax.distributed on loopback), and FSDP
+(parameters and optimizer state split over the devices) vs replicated."""
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -12,53 +12,48 @@ import numpy as np
 import portpicker
 import pytest
 
-from configs.default import get_config
-from refinenet_jax import optim, sharding, steps, train
-from refinenet_jax.data import synthetic
+from refinenet_jax import sharding
 from tests import distributed_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_config():
-  c = get_config()
-  c.model_overrides.base_width = 8
-  c.model_overrides.path_widths = (16, 8, 8, 8)
-  c.num_steps, c.warmup_steps = 10, 2
-  return c
+@pytest.fixture(scope='module')
+def replicated_on_eight():
+  return distributed_worker.run_steps(sharding.make_mesh(8))
 
 
-def _train_three_steps(num_devices):
-  c = _tiny_config()
-  model = train.build_model(c)
-  mesh = sharding.make_mesh(num_devices)
-  init = functools.partial(train.create_train_state, model=model, tx=optim.make_optimizer(c),
-                           input_shape=(1, 32, 32, 3))
-  state_sh = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
-  state = jax.jit(init, out_shardings=state_sh)(jax.random.key(0))
-  step = jax.jit(functools.partial(steps.train_step, model=model),
-                 in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_sh, sharding.replicated(mesh)))
-  images, labels = synthetic.make_synthetic_scenes(48, (32, 32), seed=1)
-  losses = []
-  for i in range(3):
-    batch = sharding.put_batch({'image': images[16 * i:16 * (i + 1)],
-                                'label': labels[16 * i:16 * (i + 1)]}, mesh)
-    state, m = step(state, batch)
-    losses.append(float(m['loss']))
-  return jax.device_get(state), losses
-
-
-def test_one_device_and_eight_devices_train_the_same():
+def test_one_device_and_eight_devices_train_the_same(replicated_on_eight):
   assert jax.device_count() == 8
-  s1, l1 = _train_three_steps(1)
-  s8, l8 = _train_three_steps(8)
+  s1, l1 = distributed_worker.run_steps(sharding.make_mesh(1))
+  s8, l8 = replicated_on_eight
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   # BatchNorm statistics over the global batch, so these agree too (not per-device stats)
   for a, b in zip(jax.tree.leaves((s1.params, s1.batch_stats)),
                   jax.tree.leaves((s8.params, s8.batch_stats))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert not np.allclose(l1[0], l1[2])  # it trained
+
+
+def test_fsdp_trains_like_replicated_with_one_eighth_per_device(replicated_on_eight):
+  rep, l_rep = replicated_on_eight
+  fsdp, l_fsdp = distributed_worker.run_steps(sharding.make_mesh(8), rules='fsdp')
+  np.testing.assert_allclose(l_fsdp, l_rep, rtol=1e-5)
+  # the whole state: parameters, momentum, BatchNorm statistics, step, rng
+  host = jax.device_get
+  for a, b in zip(jax.tree.leaves(host(fsdp)), jax.tree.leaves(host(rep))):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  # really sharded: a device holds 1/8 of each split leaf, and the split leaves are nearly all
+  # of the parameters and optimizer state (the rest: scalars, odd-sized biases)
+  leaves = jax.tree.leaves((fsdp.params, fsdp.opt_state))
+  split = [x for x in leaves if sharding.DATA_AXIS in x.sharding.spec]
+  assert split
+  for x in split:
+    assert len(x.addressable_shards) == 8
+    assert x.addressable_shards[0].data.size * 8 == x.size, (x.shape, x.sharding.spec)
+  assert sum(x.size for x in split) > 0.9 * sum(x.size for x in leaves)
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(rep))
+  assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(fsdp.batch_stats))
 
 
 # Only catches a hung worker: a healthy pair took up to ~12 min with 2 cores oversubscribed 4x.

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from configs.tiny import get_config
 from refinenet_jax import dryrun, hardware, sharding, xla_stats
@@ -191,6 +192,17 @@ def test_out_of_memory_verdict_is_kept(tmp_path):
   assert not list((tmp_path / 'b').rglob('*.json'))  # other errors are not remembered
 
 
+def test_state_is_laid_out_by_the_config_sharding_rules():
+  specs = {}
+  for rules in ('replicated', 'fsdp'):
+    c = _tiny()
+    c.sharding_rules = rules
+    _, (state, _) = dryrun.programs(c, dryrun.topology('cpu'), 1)['train']
+    specs[rules] = [x.sharding.spec for x in jax.tree.leaves((state.params, state.opt_state))]
+  assert all(spec == P() for spec in specs['replicated'])
+  assert any(sharding.DATA_AXIS in spec for spec in specs['fsdp'])
+
+
 def test_one_process_feeds_the_whole_batch():
   mesh = sharding.make_mesh(4)  # the first 4 of 8 devices, one process
   sharding.check_batch_size(8, mesh)
@@ -201,7 +213,7 @@ def test_one_process_feeds_the_whole_batch():
 def test_processes_must_feed_equal_shares_of_a_multi_host_batch():
   topo = dryrun.topology('v4:2x2x2')  # 2 hosts
   assert topo.processes == 2
-  whole = sharding.make_mesh(None, topo.devices)
+  whole = sharding.make_mesh(-1, topo.devices)
   rows = sharding.process_rows(whole, 8 * len(topo.devices))
   assert sorted(rows) == [0, 1] and len(set(rows.values())) == 1
   sharding.check_batch_size(8 * len(topo.devices), whole, all_devices=topo.devices)

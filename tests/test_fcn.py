@@ -301,18 +301,20 @@ def test_staged_initialisation_keeps_the_coarser_predictions():
 
 
 def _run(model):
-  """The parts of ``train.setup``'s result that ``train.initial_state`` reads."""
-  init = functools.partial(train.create_train_state, model=model, tx=optax.sgd(1e-3),
-                           input_shape=(1, 32, 32, 3))
+  """A ``train.Run`` with what ``train.initial_state`` reads (no data, no checkpoints)."""
   mesh = sharding.make_mesh(1)
-  abstract = jax.eval_shape(init, jax.random.key(0))
+  tx = optax.sgd(1e-3)
+  abstract = sharding.abstract_train_state(jax.random.key(0), model=model, tx=tx,
+                                           input_shape=(1, 32, 32, 3), mesh=mesh)
 
   class NoCheckpoints:
     def latest_step(self):
       return None
 
-  return dict(ckpts=NoCheckpoints(), abstract=abstract, mesh=mesh, init=init, model=model,
-              state_sh=sharding.state_shardings(abstract, mesh))
+  return train.Run(config=ml_collections.ConfigDict(dict(sharding_rules='replicated')),
+                   mesh=mesh, model=model, tx=tx, info=None, train_ds=None, eval_ds=None,
+                   n_train=0, n_eval=0, crop=(32, 32), eval_size=None, eval_window=None,
+                   abstract=abstract, ckpts=NoCheckpoints())
 
 
 def test_init_checkpoint_of_a_coarser_fcn_starts_the_finer_one(tmp_path):
@@ -350,8 +352,8 @@ def test_training_steps_reduce_the_loss(name, reduction):
   model = rj.create_model(name, 3)
   n_pixels = labels.size
   lr = 1e-3 if reduction == 'mean' else 1e-3 / n_pixels  # a summed loss scales the gradient
-  state = train.create_train_state(jax.random.key(0), model=model, tx=optax.sgd(lr, 0.9),
-                                   input_shape=(1, 24, 28, 3))
+  state = steps.init_train_state(jax.random.key(0), model=model, tx=optax.sgd(lr, 0.9),
+                                  input_shape=(1, 24, 28, 3))
   loss_fn = functools.partial(losses.segmentation_loss, mode='upsample', reduction=reduction)
   step = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=loss_fn))
   batch = {'image': jnp.asarray(images), 'label': jnp.asarray(labels)}

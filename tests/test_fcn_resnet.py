@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import refinenet_jax as rj
-from refinenet_jax import losses, steps, train
+from refinenet_jax import losses, steps
 from refinenet_jax.convert import CheckpointMismatchError, refinenet_torch
 from refinenet_jax.convert.torchvision_seg import export_state_dict, import_state_dict
 from refinenet_jax.data import synthetic
@@ -153,8 +153,8 @@ def test_imagenet_resnet_fills_the_encoder_only():
 
 def test_tiny_model_trains_with_the_aux_loss():
   model = rj.create_model('fcn_resnet_tiny', 5)
-  state = train.create_train_state(jax.random.key(0), model=model, tx=optax.sgd(0.05, 0.9),
-                                   input_shape=(1, 32, 32, 3))
+  state = steps.init_train_state(jax.random.key(0), model=model, tx=optax.sgd(0.05, 0.9),
+                                  input_shape=(1, 32, 32, 3))
   loss_fn = functools.partial(losses.segmentation_loss, mode='upsample', aux_weights=(0.5,))
   step = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=loss_fn))
   images, labels = synthetic.make_synthetic_scenes(8, (32, 32), seed=1)

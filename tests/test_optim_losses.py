@@ -281,7 +281,7 @@ def test_sum_reduction_is_the_unnormalised_total_and_mean_is_unchanged():
 def test_train_step_threads_the_loss_reduction():
   import flax.linen as nn
   import optax
-  from refinenet_jax import steps, train
+  from refinenet_jax import steps
 
   class PixelClassifier(nn.Module):
     normalization: str = 'imagenet'
@@ -291,8 +291,8 @@ def test_train_step_threads_the_loss_reduction():
       return nn.Conv(3, (1, 1))(x)
 
   model = PixelClassifier()
-  state = train.create_train_state(jax.random.key(0), model=model, tx=optax.sgd(0.0),
-                                   input_shape=(1, 8, 8, 3))
+  state = steps.init_train_state(jax.random.key(0), model=model, tx=optax.sgd(0.0),
+                                 input_shape=(1, 8, 8, 3))
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.integers(0, 255, (2, 8, 8, 3)), jnp.uint8),
            'label': jnp.asarray(rng.integers(0, 3, (2, 8, 8)), jnp.int32)}

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import refinenet_jax as rj
-from refinenet_jax import pretrain, train
+from refinenet_jax import pretrain, steps
 from refinenet_jax.convert import CheckpointMismatchError
 
 
@@ -62,7 +62,7 @@ def test_ss_classifier_learns_with_branch_losses():
   images, ids, masks = _data()
   target = pretrain.image_level_targets(masks, 4)  # multi-label, from the masks
   model = pretrain.classifier_for(seg, 4, ss_hidden=16)
-  state = jax.jit(functools.partial(train.create_train_state, model=model,
+  state = jax.jit(functools.partial(steps.init_train_state, model=model,
                                     tx=optax.sgd(0.05, 0.9), input_shape=(1, 32, 32, 3)))(
                                         jax.random.key(0, impl='rbg'))
   weights = (0.1, 0.2, 0.3, 0.4)
