@@ -24,7 +24,7 @@ from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax.data.builders.folder import FolderConfig
 from refinenet_jax.data.builders.synthetic_scenes import SyntheticScenesConfig
-from refinenet_jax.models import create_model
+from refinenet_jax.models import aux_names, create_model
 
 TrainState = steps.TrainState
 
@@ -203,9 +203,9 @@ def setup(config, workdir: str, splits=('train', 'eval')):
 
 
 def loss_parts(metrics: dict, model) -> dict:
-  """'train/loss/main' and one entry per auxiliary head (named by ``model.aux_names`` where the
-  model has them, e.g. 'train/loss/ss_res2', else 'train/loss/aux0'), unweighted."""
-  names = tuple(getattr(model, 'aux_names', ()))
+  """'train/loss/main' and one entry per auxiliary head (named by ``aux_names(model)`` where the
+  model names them, e.g. 'train/loss/ss_res2', else 'train/loss/aux0'), unweighted."""
+  names = aux_names(model)
   out = {}
   for key, value in metrics.items():
     if key.startswith('loss/aux'):
