@@ -309,9 +309,10 @@ class ExFuse(nn.Module):
 # every ExFuse component on: the last rung of the ladder (paper Table 3 row 7)
 EXFUSE_COMPONENTS = dict(ss_stages=(0, 1, 2, 3), seb=True, ecre=True, dap=True)
 # Test-sized: 1 block per stage, 8-channel stem, 2 groups of 4 (ResNeXt-like), k = 5.
-_TINY = dict(encoder=ENCODERS['resnext_tiny'], gcn_kernel=5, ss_width=8)
+_TINY_DECODER = dict(gcn_kernel=5, ss_width=8)
+_TINY = dict(encoder=ENCODERS['resnext_tiny'], **_TINY_DECODER)
 # create_model overrides that shrink any variant (ladder rungs included) to test size.
-TINY_OVERRIDES = dict(**ENCODERS['resnext_tiny'].keywords, gcn_kernel=5, ss_width=8)
+TINY_OVERRIDES = {**ENCODERS['resnext_tiny'].keywords, **_TINY_DECODER}
 
 VARIANTS = {
     'gcn_resnext50': functools.partial(ExFuse, encoder=ENCODERS['resnext50_32x4d']),
