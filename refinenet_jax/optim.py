@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from refinenet_jax.models import ENCODER_PREFIX
+
 OPTIMIZERS = ('sgd', 'adamw')
 
 
@@ -27,11 +29,11 @@ def learning_rate_fn(config):
 
 
 def param_labels(params):
-  """'encoder' for every leaf under a top-level key starting with 'encoder' (multi-scale
-  models have encoder0, encoder1, ...), else 'decoder'."""
+  """'encoder' for every leaf under a top-level key starting with ``ENCODER_PREFIX`` (the model
+  protocol, models/__init__.py), else 'decoder'."""
   def label(path, _):
     top = str(getattr(path[0], 'key', '')) if path else ''
-    return 'encoder' if top.startswith('encoder') else 'decoder'
+    return 'encoder' if top.startswith(ENCODER_PREFIX) else 'decoder'
   return jax.tree_util.tree_map_with_path(label, params)
 
 

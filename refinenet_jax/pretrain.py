@@ -21,7 +21,8 @@ import optax
 from flax import traverse_util
 
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS
-from refinenet_jax.models.backbones import RESNET_STAGES, ResNet
+from refinenet_jax.models import aux_names
+from refinenet_jax.models.backbones import ENCODERS, ModuleDef
 from refinenet_jax.models.exfuse import ExFuse, SSBranch
 from refinenet_jax.models.preprocessing import normalize_images
 from refinenet_jax.steps import TrainState
@@ -37,11 +38,7 @@ class SSClassifier(nn.Module):
   per ``ss_stages`` (res-2 first). The branch hidden width ``ss_hidden`` is unverified.
   """
   num_classes: int
-  stage_sizes: Sequence[int] = RESNET_STAGES[101]
-  base_width: int = 64
-  groups: int = 32
-  width_per_group: int = 4
-  stride_style: str = 'v1.5'
+  encoder: ModuleDef = ENCODERS['resnext101_32x4d']
   ss_stages: Sequence[int] = (0, 1, 2, 3)
   ss_width: int = 256
   ss_bn: bool = True
@@ -50,11 +47,15 @@ class SSClassifier(nn.Module):
   remat: bool = False
   normalization: str = 'imagenet'
 
+  @property
+  def aux_names(self) -> tuple[str, ...]:
+    """Names of the branch logits returned in training, in order."""
+    return tuple(f'ss_res{s + 2}' for s in self.ss_stages)
+
   @nn.compact
   def __call__(self, images, train: bool = False):
-    feats = ResNet(self.stage_sizes, self.base_width, self.stride_style, remat=self.remat,
-                   dtype=self.dtype, groups=self.groups, width_per_group=self.width_per_group,
-                   name='encoder')(images.astype(self.dtype), train)
+    feats = self.encoder(name='encoder', dtype=self.dtype, remat=self.remat)(
+        images.astype(self.dtype), train)
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     aux = []
     if train or self.is_initializing():
@@ -69,10 +70,8 @@ class SSClassifier(nn.Module):
 def classifier_for(model: ExFuse, num_classes: int, **overrides) -> SSClassifier:
   """The SS classifier whose encoder and branches fit the segmentation ``model``."""
   ss_stages = model.ss_stages or (0, 1, 2, 3)
-  fields = dict(stage_sizes=model.stage_sizes, base_width=model.base_width, groups=model.groups,
-                width_per_group=model.width_per_group, stride_style=model.stride_style,
-                ss_stages=ss_stages, ss_width=model.ss_width, ss_bn=model.ss_bn,
-                dtype=model.dtype, normalization=model.normalization)
+  fields = dict(encoder=model.encoder, ss_stages=ss_stages, ss_width=model.ss_width,
+                ss_bn=model.ss_bn, dtype=model.dtype, normalization=model.normalization)
   return SSClassifier(num_classes, **{**fields, **overrides})
 
 
@@ -123,7 +122,7 @@ def classification_train_step(state: TrainState, batch: dict, *, model: SSClassi
   """One step on ``{'image': uint8 (N, H, W, 3), 'target': (N,) ids or (N, K) multi-hot}``:
   main loss + sum_i aux_weights[i] * branch i; returns (state, metrics)."""
   images = normalize_images(batch['image'], model.normalization)
-  names = [f'ss_res{s + 2}' for s in model.ss_stages]
+  names = aux_names(model)
   if len(aux_weights) != len(names):
     raise ValueError(f'{len(names)} SS branches but {len(aux_weights)} aux_weights')
 

@@ -217,9 +217,9 @@ def setup(config, workdir: str, splits=('train', 'eval')) -> Run:
 
 
 def loss_parts(metrics: dict, model) -> dict:
-  """'train/loss/main' and one entry per auxiliary head (named by ``model.aux_names`` where the
-  model has them, e.g. 'train/loss/ss_res2', else 'train/loss/aux0'), unweighted."""
-  names = tuple(getattr(model, 'aux_names', ()))
+  """'train/loss/main' and one entry per auxiliary head (named by ``aux_names(model)`` where the
+  model names them, e.g. 'train/loss/ss_res2', else 'train/loss/aux0'), unweighted."""
+  names = models.aux_names(model)
   out = {}
   for key, value in metrics.items():
     if key.startswith('loss/aux'):

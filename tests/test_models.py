@@ -9,7 +9,8 @@ import optax
 import pytest
 
 import refinenet_jax as rj
-from refinenet_jax.models.backbones import ResNet
+from refinenet_jax.models import ENCODER_PREFIX, aux_names
+from refinenet_jax.models.backbones import ResNet, encoder_def
 from refinenet_jax.models import refinenet
 from refinenet_jax.models.refinenet import TINY_OVERRIDES
 
@@ -55,6 +56,42 @@ def test_unknown_name_lists_valid_names():
 def test_unknown_override_is_an_error():
   with pytest.raises(TypeError, match='crp_stagez'):
     rj.create_model('refinenet_r101', 21, crp_stagez=2)
+
+
+def test_encoder_overrides_go_to_the_encoder_definition():
+  tiny = rj.create_model('refinenet_tiny', 3)
+  # encoder fields replace those of the variant's encoder; a name picks another definition
+  assert rj.create_model('refinenet_r50', 3, **TINY_OVERRIDES) == tiny
+  assert hash(rj.create_model('refinenet_r50', 3, **TINY_OVERRIDES).encoder) == hash(tiny.encoder)
+  assert rj.create_model('refinenet_r101', 3, encoder='resnet_tiny',
+                         path_widths=tiny.path_widths) == tiny
+  assert rj.create_model('refinenet_tiny', 3, stride_style='v1').encoder == encoder_def(
+      'resnet_tiny', stride_style='v1')
+  with pytest.raises(KeyError, match="'resnet99'.*resnext101_32x8d"):
+    rj.create_model('refinenet_r101', 3, encoder='resnet99')
+  # what the model sets when it instantiates its encoder is a model field, not an encoder one
+  for name, kw in [('refinenet_r101', dict(freeze_bn=True)), ('gcn_tiny', dict(output_stride=16)),
+                   ('fcn_resnet_tiny', dict(stage_sizez=(1, 1, 1, 1)))]:
+    with pytest.raises(TypeError, match=f'{name}: unknown override.*{next(iter(kw))}'):
+      rj.create_model(name, 3, **kw)
+  with pytest.raises(TypeError, match='set by the model'):
+    encoder_def('resnet50', freeze_bn=True)
+
+
+def test_model_protocol():
+  # encoder parameters under ENCODER_PREFIX* keys (one per input scale), aux_names in output order
+  x = jnp.zeros((1, 32, 32, 3))
+  for name, encoders, aux in [('refinenet_tiny', {'encoder'}, ()),
+                              ('fcn_resnet_tiny', {'encoder'}, ()),
+                              ('exfuse_tiny', {'encoder'},
+                               ('ss_res2', 'ss_res3', 'ss_res4', 'ss_res5', 'ecre'))]:
+    model = rj.create_model(name, 3)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+    assert {k for k in params if k.startswith(ENCODER_PREFIX)} == encoders
+    assert aux_names(model) == aux
+  two = rj.create_model('refinenet_2scale_r50', 3, **TINY_OVERRIDES)
+  params = jax.eval_shape(two.init, jax.random.key(0), x)['params']
+  assert {k for k in params if k.startswith(ENCODER_PREFIX)} == {'encoder0', 'encoder1'}
 
 
 @pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))

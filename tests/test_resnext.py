@@ -12,7 +12,7 @@ import pytest
 
 import refinenet_jax as rj
 from refinenet_jax.convert import CheckpointMismatchError, export_state_dict, import_state_dict
-from refinenet_jax.models.backbones import RESNET_STAGES, RESNEXT_LR_STAGES, ResNet
+from refinenet_jax.models.backbones import ENCODERS, RESNET_STAGES, RESNEXT_LR_STAGES, ResNet
 from refinenet_jax.testing import synthetic_state_dict
 
 FIX = os.path.join(os.path.dirname(__file__), 'fixtures')
@@ -59,6 +59,23 @@ def test_layer_rearranged_encoder_keeps_stage_shapes():
   params = jax.eval_shape(lambda: lr.init(jax.random.key(0), x))['params']
   assert {'layer1_7', 'layer2_7', 'layer3_8', 'layer4_7'} <= set(params)
   assert 'layer1_8' not in params and 'layer3_9' not in params
+
+
+def test_refinenet_on_resnext_is_one_registry_entry():
+  # torchvision resnext101_32x8d: 88,791,336 with its fc; the decoder is refinenet_r101's
+  # (118,052,437 minus its ResNet-101 encoder, 42,500,160): the stage widths are the same
+  model = rj.create_model('refinenet_resnext101_32x8d', 21)
+  assert model.encoder == ENCODERS['resnext101_32x8d']
+  assert rj.create_model('refinenet_r101', 21, encoder='resnext101_32x8d') == model
+  assert _n_params(model.encoder()) + FC == 88_791_336
+  assert _n_params(model) == 118_052_437 - 42_500_160 + 88_791_336 - FC
+  v = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))['params']
+  # torchvision width = int(planes * 8 / 64) * 32: 256 / 512 / 1024 / 2048, 8 / 16 / 32 / 64 a group
+  for s, inner in enumerate((256, 512, 1024, 2048)):
+    blk = v['encoder'][f'layer{s + 1}_0']
+    assert blk['conv2']['kernel'].shape == (3, 3, inner // 32, inner)
+    assert blk['conv3']['kernel'].shape[-1] == 256 * 2 ** s
+  assert {f'layer3_{b}' for b in range(23)} <= set(v['encoder']) and 'layer3_23' not in v['encoder']
 
 
 def test_torchvision_resnext50_import_is_strict_and_matches_torchvision():

@@ -2,10 +2,16 @@
 
 Names mirror torchvision (``layer{s}_{b}/conv1`` ...) so that weight import is a fixed rule.
 ResNeXt only changes the 3x3 (grouped) and the inner width, so it keeps the same names.
+
+:data:`ENCODERS` names the architectures (as flax's ImageNet example's ``ResNet50 =
+partial(ResNet, ...)``). A model holds one as its ``encoder`` field and instantiates it with the
+settings that are the model's own choice (:data:`MODEL_ENCODER_ARGS`), so the encoder definition
+fixes exactly what decides the weights: depth, widths, cardinality, stride placement.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -13,6 +19,7 @@ import jax.numpy as jnp
 from refinenet_jax.models.layers import conv, grouped_conv_general_dilated, max_pool
 
 Dtype = Any
+ModuleDef = Callable[..., nn.Module]
 
 RESNET_STAGES = {
     50: (3, 4, 6, 3),
@@ -126,3 +133,58 @@ class ResNet(nn.Module):
         in_features = width * 4
       feats.append(x)
     return tuple(feats)
+
+
+# Encoder fields a model passes when it instantiates its encoder (or leaves at ResNet's default):
+# how it runs, not which weights it has. An encoder definition never fixes them.
+MODEL_ENCODER_ARGS = ('name', 'parent', 'dtype', 'remat', 'freeze_bn', 'output_stride')
+
+
+class EncoderDef(functools.partial):
+  """A ``functools.partial`` of an encoder class that compares and hashes by value.
+
+  Flax modules compare field by field, so two models built with the same settings stay equal
+  (a plain partial compares by identity).
+  """
+
+  def _key(self):
+    freeze = lambda v: tuple(v) if isinstance(v, list) else v
+    return self.func, self.args, tuple(sorted((k, freeze(v)) for k, v in self.keywords.items()))
+
+  def __eq__(self, other):
+    return isinstance(other, EncoderDef) and self._key() == other._key()
+
+  def __hash__(self):
+    return hash(self._key())
+
+
+def encoder_def(encoder: str | ModuleDef, **fields) -> EncoderDef:
+  """``encoder`` (a name in :data:`ENCODERS` or a partial of an encoder class) with ``fields``
+  replaced; :data:`MODEL_ENCODER_ARGS` are refused (the model sets them)."""
+  if isinstance(encoder, str):
+    if encoder not in ENCODERS:
+      raise KeyError(f'unknown encoder {encoder!r}; valid names: {", ".join(sorted(ENCODERS))}')
+    encoder = ENCODERS[encoder]
+  fixed = sorted(set(fields) & set(MODEL_ENCODER_ARGS))
+  if fixed:
+    raise TypeError(f'encoder fields {fixed} are set by the model, not the encoder definition; '
+                    f'override the model field instead (e.g. freeze_encoder_bn, output_stride)')
+  return EncoderDef(encoder, **fields)
+
+
+_RESNEXT_32X4D = dict(groups=32, width_per_group=4)
+ENCODERS = {
+    'resnet50': EncoderDef(ResNet, stage_sizes=RESNET_STAGES[50]),
+    'resnet101': EncoderDef(ResNet, stage_sizes=RESNET_STAGES[101]),
+    'resnet152': EncoderDef(ResNet, stage_sizes=RESNET_STAGES[152]),
+    'resnext50_32x4d': EncoderDef(ResNet, stage_sizes=RESNET_STAGES[50], **_RESNEXT_32X4D),
+    'resnext101_32x4d': EncoderDef(ResNet, stage_sizes=RESNET_STAGES[101], **_RESNEXT_32X4D),
+    'resnext101_32x8d': EncoderDef(ResNet, stage_sizes=RESNET_STAGES[101], groups=32,
+                                   width_per_group=8),
+    # ExFuse's layer-rearranged ResNeXt-101 (no published weights)
+    'resnext101_lr_32x4d': EncoderDef(ResNet, stage_sizes=RESNEXT_LR_STAGES, **_RESNEXT_32X4D),
+    # test-sized: one block per stage, 8-channel stem; the ResNeXt one has 2 groups of 4
+    'resnet_tiny': EncoderDef(ResNet, stage_sizes=(1, 1, 1, 1), base_width=8),
+    'resnext_tiny': EncoderDef(ResNet, stage_sizes=(1, 1, 1, 1), base_width=8, groups=2,
+                               width_per_group=16),
+}

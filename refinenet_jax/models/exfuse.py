@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refinenet_jax.models.backbones import RESNET_STAGES, RESNEXT_LR_STAGES, ResNet, _bn
+from refinenet_jax.models.backbones import ENCODERS, ModuleDef, _bn
 from refinenet_jax.models.layers import RESIZE_MODES, conv, decoder_init, resize_bilinear
 
 Dtype = Any
@@ -201,12 +201,8 @@ class ExFuse(nn.Module):
   docs/exfuse.md lists what each component does and, per field, the choice made and why.
   """
   num_classes: int
-  # encoder (ResNeXt-101 32x4d)
-  stage_sizes: Sequence[int] = RESNET_STAGES[101]
-  base_width: int = 64
-  groups: int = 32
-  width_per_group: int = 4
-  stride_style: str = 'v1.5'
+  # encoder (any of backbones.ENCODERS with 4 stages; run at output stride 32)
+  encoder: ModuleDef = ENCODERS['resnext101_32x4d']
   freeze_encoder_bn: bool = False
   # GCN decoder
   gcn_kernel: int = 15
@@ -234,10 +230,9 @@ class ExFuse(nn.Module):
     """Names of the auxiliary logits returned in training, in order."""
     return tuple(f'ss_res{s + 2}' for s in self.ss_stages) + (('ecre',) if self.ecre else ())
 
-  def _check(self):
-    n = len(self.stage_sizes)
+  def _check(self, n: int):
     if n != 4:
-      raise ValueError(f'GCN/ExFuse needs 4 encoder stages, got stage_sizes={self.stage_sizes}')
+      raise ValueError(f'GCN/ExFuse needs 4 encoder stages, got {n} (encoder {self.encoder})')
     for name, value, valid in (('upsample', self.upsample, UPSAMPLE_MODES),
                                ('ecre_source', self.ecre_source, ECRE_SOURCES),
                                ('seb_init', self.seb_init, SEB_INITS),
@@ -255,13 +250,12 @@ class ExFuse(nn.Module):
 
     Returns float32 logits (N, H, W, C); in training with auxiliary heads ``(logits, aux)``.
     """
-    self._check()
+    encoder = self.encoder(name='encoder', dtype=self.dtype, remat=self.remat,
+                           freeze_bn=self.freeze_encoder_bn, output_stride=32)
+    self._check(len(encoder.stage_sizes))
     k_init = decoder_init(self.decoder_init)
     c = self.num_classes
-    feats = ResNet(self.stage_sizes, self.base_width, self.stride_style, 32,
-                   self.freeze_encoder_bn, remat=self.remat, dtype=self.dtype, groups=self.groups,
-                   width_per_group=self.width_per_group, name='encoder')(
-                       images.astype(self.dtype), train)
+    feats = encoder(images.astype(self.dtype), train)
     sizes = [f.shape[1:3] for f in feats]
     half = (-(-images.shape[1] // 2), -(-images.shape[2] // 2))
 
@@ -312,22 +306,21 @@ class ExFuse(nn.Module):
     return logits
 
 
-_RESNEXT = dict(groups=32, width_per_group=4)
-_RESNET = dict(groups=1, width_per_group=64)
 # every ExFuse component on: the last rung of the ladder (paper Table 3 row 7)
-EXFUSE_COMPONENTS = dict(stage_sizes=RESNEXT_LR_STAGES, ss_stages=(0, 1, 2, 3), seb=True,
-                         ecre=True, dap=True)
+EXFUSE_COMPONENTS = dict(ss_stages=(0, 1, 2, 3), seb=True, ecre=True, dap=True)
 # Test-sized: 1 block per stage, 8-channel stem, 2 groups of 4 (ResNeXt-like), k = 5.
-TINY_OVERRIDES = dict(stage_sizes=(1, 1, 1, 1), base_width=8, groups=2, width_per_group=16,
-                      gcn_kernel=5, ss_width=8)
+_TINY_DECODER = dict(gcn_kernel=5, ss_width=8)
+_TINY = dict(encoder=ENCODERS['resnext_tiny'], **_TINY_DECODER)
+# create_model overrides that shrink any variant (ladder rungs included) to test size.
+TINY_OVERRIDES = {**ENCODERS['resnext_tiny'].keywords, **_TINY_DECODER}
 
 VARIANTS = {
-    'gcn_resnext50': functools.partial(ExFuse, stage_sizes=RESNET_STAGES[50], **_RESNEXT),
-    'gcn_resnext101': functools.partial(ExFuse, stage_sizes=RESNET_STAGES[101], **_RESNEXT),
+    'gcn_resnext50': functools.partial(ExFuse, encoder=ENCODERS['resnext50_32x4d']),
+    'gcn_resnext101': functools.partial(ExFuse, encoder=ENCODERS['resnext101_32x4d']),
     # the GCN paper's own backbone
-    'gcn_resnet152': functools.partial(ExFuse, stage_sizes=RESNET_STAGES[152], **_RESNET),
-    'exfuse_resnext101': functools.partial(ExFuse, **{**_RESNEXT, **EXFUSE_COMPONENTS}),
-    'gcn_tiny': functools.partial(ExFuse, **TINY_OVERRIDES),
-    'exfuse_tiny': functools.partial(ExFuse, **{**TINY_OVERRIDES, **EXFUSE_COMPONENTS,
-                                                'stage_sizes': (1, 1, 1, 1)}),
+    'gcn_resnet152': functools.partial(ExFuse, encoder=ENCODERS['resnet152']),
+    'exfuse_resnext101': functools.partial(ExFuse, encoder=ENCODERS['resnext101_lr_32x4d'],
+                                           **EXFUSE_COMPONENTS),
+    'gcn_tiny': functools.partial(ExFuse, **_TINY),
+    'exfuse_tiny': functools.partial(ExFuse, **_TINY, **EXFUSE_COMPONENTS),
 }

@@ -10,12 +10,12 @@ Both outputs are resized bilinearly to the input with half-pixel centres (torchv
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from refinenet_jax.models.backbones import RESNET_STAGES, ResNet
+from refinenet_jax.models.backbones import ENCODERS, ModuleDef
 from refinenet_jax.models.layers import conv, resize_bilinear
 
 Dtype = Any
@@ -23,8 +23,7 @@ Dtype = Any
 
 class FCNResNet(nn.Module):
   num_classes: int
-  stage_sizes: Sequence[int] = RESNET_STAGES[50]
-  base_width: int = 64
+  encoder: ModuleDef = ENCODERS['resnet50']  # torchvision's are v1.5 (stride on the 3x3)
   output_stride: int = 8
   freeze_encoder_bn: bool = False
   aux_head: bool = True  # torchvision's aux_loss; its published weights carry the aux head
@@ -51,10 +50,9 @@ class FCNResNet(nn.Module):
     """
     if return_aux and not self.aux_head:
       raise ValueError('return_aux=True needs a model built with aux_head=True')
-    feats = ResNet(stage_sizes=self.stage_sizes, base_width=self.base_width, stride_style='v1.5',
-                   output_stride=self.output_stride, freeze_bn=self.freeze_encoder_bn,
-                   remat=self.remat, dtype=self.dtype, name='encoder')(images.astype(self.dtype),
-                                                                        train)
+    feats = self.encoder(name='encoder', dtype=self.dtype, remat=self.remat,
+                         freeze_bn=self.freeze_encoder_bn, output_stride=self.output_stride)(
+                             images.astype(self.dtype), train)
     size = images.shape[1:3]
     # Upsampling in float32: the logits are the only full-resolution tensor, bf16 would round them.
     up = lambda x: resize_bilinear(x.astype(jnp.float32), size, 'half_pixel')
@@ -68,8 +66,8 @@ class FCNResNet(nn.Module):
 
 
 VARIANTS = {
-    'fcn_resnet50': functools.partial(FCNResNet, stage_sizes=RESNET_STAGES[50]),
-    'fcn_resnet101': functools.partial(FCNResNet, stage_sizes=RESNET_STAGES[101]),
+    'fcn_resnet50': functools.partial(FCNResNet, encoder=ENCODERS['resnet50']),
+    'fcn_resnet101': functools.partial(FCNResNet, encoder=ENCODERS['resnet101']),
     # test-sized: one block per stage, 8-channel stem (head 256 -> 64, aux head 128 -> 32 wide)
-    'fcn_resnet_tiny': functools.partial(FCNResNet, stage_sizes=(1, 1, 1, 1), base_width=8),
+    'fcn_resnet_tiny': functools.partial(FCNResNet, encoder=ENCODERS['resnet_tiny']),
 }

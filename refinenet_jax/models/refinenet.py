@@ -9,7 +9,8 @@ fusion, 4-stage chained residual pooling (pool -> conv) and 3 output RCUs; dropo
 Wiring is data: ``path_groups[k]`` names the block (1-based, coarse to fine) that consumes the
 stage-k tap (k=0 is 1/32). (1, 2, 3, 4) is the standard 4-cascade, (1, 1, 1, 1) the single
 block, (1, 1, 2, 2) the 2-cascade. ``input_scales`` with two entries builds the 2-scale model:
-one independent encoder per scale, and block g fuses the stage-g taps of every scale.
+one independent encoder per scale, and block g fuses the stage-g taps of every scale. The encoder
+is any entry of ``backbones.ENCODERS``, so a RefineNet on another encoder is one registry entry.
 
 Decoder weights start from N(0, 0.01) as in the official code (``decoder_init='official'``):
 the decoder has no normalisation, and default fan-in inits make its residual sums blow up the
@@ -25,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from refinenet_jax.models.backbones import RESNET_STAGES, ResNet
+from refinenet_jax.models.backbones import ENCODERS, ModuleDef
 from refinenet_jax.models.layers import RCUStack, RefineBlock, conv, decoder_init
 
 Dtype = Any
@@ -33,10 +34,8 @@ Dtype = Any
 
 class RefineNet(nn.Module):
   num_classes: int
-  # encoder
-  stage_sizes: Sequence[int] = RESNET_STAGES[101]
-  base_width: int = 64
-  stride_style: str = 'v1.5'
+  # encoder: its architecture, then how this model runs it
+  encoder: ModuleDef = ENCODERS['resnet101']
   output_stride: int = 32
   freeze_encoder_bn: bool = False
   # decoder (index 0 = the 1/32 tap)
@@ -59,8 +58,7 @@ class RefineNet(nn.Module):
   # the input statistics the weights expect (see models/preprocessing.py)
   normalization: str = 'imagenet'
 
-  def _check(self):
-    n = len(self.stage_sizes)
+  def _check(self, n: int):
     if len(self.path_widths) != n or len(self.path_groups) != n:
       raise ValueError(f'path_widths {tuple(self.path_widths)} and path_groups '
                        f'{tuple(self.path_groups)} need one entry per encoder stage ({n})')
@@ -73,9 +71,7 @@ class RefineNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     """images: (N, H, W, 3) normalised as ``self.normalization``; any H, W >= 1."""
-    self._check()
     k_init = decoder_init(self.decoder_init)
-    n_stages = len(self.stage_sizes)
     taps = []  # (tap id, stage index k (0 = coarsest), feature map)
     for si, scale in enumerate(self.input_scales):
       x = images
@@ -84,9 +80,11 @@ class RefineNet(nn.Module):
         size = (math.ceil(images.shape[1] * scale), math.ceil(images.shape[2] * scale))
         x = jax.image.resize(images, (images.shape[0], *size, images.shape[3]), 'bilinear')
       name = 'encoder' if len(self.input_scales) == 1 else f'encoder{si}'
-      feats = ResNet(self.stage_sizes, self.base_width, self.stride_style, self.output_stride,
-                     self.freeze_encoder_bn, remat=self.remat, dtype=self.dtype,
-                     name=name)(x.astype(self.dtype), train)
+      encoder = self.encoder(name=name, dtype=self.dtype, remat=self.remat,
+                             freeze_bn=self.freeze_encoder_bn, output_stride=self.output_stride)
+      n_stages = len(encoder.stage_sizes)
+      self._check(n_stages)
+      feats = encoder(x.astype(self.dtype), train)
       for k, f in enumerate(reversed(feats)):
         if k < 2 and self.tap_dropout:  # the 1/32 and 1/16 taps, as in the released code
           f = nn.Dropout(self.tap_dropout, deterministic=not train)(f)
@@ -119,32 +117,32 @@ class RefineNet(nn.Module):
     return x.astype(jnp.float32)
 
 
-def _resnet(depth):
-  return {'stage_sizes': RESNET_STAGES[depth]}
-
-
 # Light-Weight RefineNet: 1x1 decoder convs, no RCUs, no dropout before the classifier.
 _LW = dict(decoder_kernel=1, adapt_rcus=0, output_rcus=0, head_dropout=0.0)
 # CVPR-paper form: 2 CRP stages, 1 RCU per block plus 2 before the classifier.
 _CVPR = dict(crp_stages=2, output_rcus=1, head_rcus=2)
-# Test-sized encoder/decoder: 1 block per stage, 8-channel stem, 16-wide decoder.
-_TINY = dict(stage_sizes=(1, 1, 1, 1), base_width=8, path_widths=(32, 16, 16, 16))
+# Test-sized decoder (16 wide) on the test-sized encoder (1 block per stage, 8-channel stem).
+_TINY = dict(encoder=ENCODERS['resnet_tiny'], path_widths=(32, 16, 16, 16))
 
 VARIANTS = {}
 for _d in (50, 101, 152):
-  VARIANTS[f'refinenet_r{_d}'] = functools.partial(RefineNet, **_resnet(_d))
-  VARIANTS[f'lw_refinenet_r{_d}'] = functools.partial(RefineNet, **_resnet(_d), **_LW)
-  VARIANTS[f'refinenet_improved_r{_d}'] = functools.partial(
-      RefineNet, **_resnet(_d), crp_order='conv_pool')
-  VARIANTS[f'refinenet_cvpr_r{_d}'] = functools.partial(RefineNet, **_resnet(_d), **_CVPR)
-# The paper's variant study (Table 9) uses ResNet-50; other depths via stage_sizes=... overrides.
-VARIANTS['refinenet_single_r50'] = functools.partial(RefineNet, **_resnet(50),
-                                                     path_groups=(1, 1, 1, 1))
-VARIANTS['refinenet_2cascade_r50'] = functools.partial(RefineNet, **_resnet(50),
+  _enc = dict(encoder=ENCODERS[f'resnet{_d}'])
+  VARIANTS[f'refinenet_r{_d}'] = functools.partial(RefineNet, **_enc)
+  VARIANTS[f'lw_refinenet_r{_d}'] = functools.partial(RefineNet, **_enc, **_LW)
+  VARIANTS[f'refinenet_improved_r{_d}'] = functools.partial(RefineNet, **_enc,
+                                                            crp_order='conv_pool')
+  VARIANTS[f'refinenet_cvpr_r{_d}'] = functools.partial(RefineNet, **_enc, **_CVPR)
+# The paper's variant study (Table 9) uses ResNet-50; other encoders via encoder=... overrides.
+_R50 = dict(encoder=ENCODERS['resnet50'])
+VARIANTS['refinenet_single_r50'] = functools.partial(RefineNet, **_R50, path_groups=(1, 1, 1, 1))
+VARIANTS['refinenet_2cascade_r50'] = functools.partial(RefineNet, **_R50,
                                                        path_groups=(1, 1, 2, 2))
-VARIANTS['refinenet_2scale_r50'] = functools.partial(RefineNet, **_resnet(50),
-                                                     input_scales=(1.2, 0.6))
+VARIANTS['refinenet_2scale_r50'] = functools.partial(RefineNet, **_R50, input_scales=(1.2, 0.6))
+# torchvision's ResNeXt-101 32x8d (published ImageNet weights, 'torchvision_resnet' layout)
+VARIANTS['refinenet_resnext101_32x8d'] = functools.partial(
+    RefineNet, encoder=ENCODERS['resnext101_32x8d'])
 VARIANTS['refinenet_tiny'] = functools.partial(RefineNet, **_TINY)
 VARIANTS['lw_refinenet_tiny'] = functools.partial(RefineNet, **_TINY, **_LW)
 
-TINY_OVERRIDES = dict(_TINY)
+# create_model overrides that shrink any variant to test size (encoder fields go to its encoder).
+TINY_OVERRIDES = dict(**ENCODERS['resnet_tiny'].keywords, path_widths=_TINY['path_widths'])
