@@ -346,8 +346,8 @@ def test_ladder_trains_a_few_steps_and_logs_weighted_aux_losses(name, kw):
       apply_fn=model.apply, params=v['params'], batch_stats=v['batch_stats'], tx=tx,
       rng=jax.random.key_data(jax.random.key(1)))
   rng = np.random.default_rng(0)
-  step = jax.jit(functools.partial(steps.train_step, model=model,
-                                   aux_weights=tuple(config.aux_weights)))
+  loss_fn = functools.partial(losses.segmentation_loss, aux_weights=tuple(config.aux_weights))
+  step = jax.jit(functools.partial(steps.train_step, model=model, loss_fn=loss_fn))
   for _ in range(3):
     batch = {'image': rng.integers(0, 256, (2, 32, 32, 3), np.uint8),
              'label': rng.integers(0, config.num_classes, (2, 32, 32), np.uint8)}
