@@ -113,8 +113,8 @@ def _setup(model_name, num_classes, dtype, size, num_devices, overrides, config_
   mesh = sharding.make_mesh(num_devices)
   kw = dict(model=model, tx=optim.make_optimizer(config), input_shape=(1, *size, 3), mesh=mesh,
             rules=config.sharding_rules)
-  init = sharding.train_state_initializer(jax.random.key(0), **kw)
-  state_sh = sharding.shardings_of(sharding.abstract_train_state(jax.random.key(0), **kw))
+  init, abstract = sharding.train_state_initializer(jax.random.key(0), **kw)
+  state_sh = sharding.shardings_of(abstract)
   return types.SimpleNamespace(config=config, model=model, mesh=mesh, state_sh=state_sh,
                                init=init)
 

@@ -11,7 +11,7 @@ import math
 
 from refinenet_jax.losses import LOSS_MODES, LOSS_REDUCTIONS, LOSSES
 from refinenet_jax.optim import OPTIMIZERS
-from refinenet_jax.sharding import RULE_SETS
+from refinenet_jax.sharding import RULE_SETS, mesh_problem
 
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_steps', 'grad_accum_steps', 'num_classes',
                   'image_size', 'num_train', 'num_val', 'log_every', 'keep_checkpoints')
@@ -62,12 +62,8 @@ def errors(config) -> list[str]:
       bad(k, f'one of {", ".join(map(repr, allowed))}')
   if has('momentum') and not (_is_number(config.momentum) and 0 <= config.momentum < 1):
     bad('momentum', 'must be in [0, 1)')
-  if has('mesh') and not (
-      len(config.mesh) and all(len(a) == 2 and isinstance(a[0], str) and _is_int(a[1])
-                               and (a[1] > 0 or a[1] == -1) for a in config.mesh)
-      and [a[0] for a in config.mesh].count('data') == 1
-      and [a[1] for a in config.mesh].count(-1) <= 1):
-    bad('mesh', "(name, size) pairs with one 'data' axis, sizes > 0 or one -1 (the rest)")
+  if has('mesh') and mesh_problem(config.mesh):
+    bad('mesh', mesh_problem(config.mesh))
   if has('sharding_rules') and config.sharding_rules not in RULE_SETS:
     bad('sharding_rules', f'one of {", ".join(map(repr, RULE_SETS))} (sharding.RULE_SETS)')
   if has('scale_range') and not (

@@ -33,11 +33,10 @@ def make_mesh(axes=-1, devices=None) -> jax.sharding.Mesh:
   devices = list(jax.devices() if devices is None else devices)
   if isinstance(axes, int):
     axes = ((DATA_AXIS, axes),)
+  problem = mesh_problem(axes)
+  if problem:
+    raise ValueError(f'mesh {tuple(axes)}: {problem}')
   names, sizes = [str(a) for a, _ in axes], [int(n) for _, n in axes]
-  if DATA_AXIS not in names or len(set(names)) != len(names):
-    raise ValueError(f'mesh {tuple(axes)} needs one {DATA_AXIS!r} axis and distinct names')
-  if sizes.count(-1) > 1 or any(n < 1 and n != -1 for n in sizes):
-    raise ValueError(f'mesh {tuple(axes)}: sizes are positive, at most one -1 (the rest)')
   fixed = int(np.prod([n for n in sizes if n != -1]))
   if -1 in sizes:
     sizes[sizes.index(-1)] = max(len(devices) // fixed, 1)
@@ -45,6 +44,20 @@ def make_mesh(axes=-1, devices=None) -> jax.sharding.Mesh:
   if n > len(devices) or (-1 in [s for _, s in axes] and len(devices) % fixed):
     raise ValueError(f'mesh {tuple(axes)} needs {n} devices; {len(devices)} are available')
   return jax.sharding.Mesh(np.asarray(devices[:n]).reshape(sizes), tuple(names))
+
+
+def mesh_problem(axes) -> str | None:
+  """What is wrong with ``config.mesh``-style (name, size) pairs, or None."""
+  ok = lambda a: (len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], int)
+                  and not isinstance(a[1], bool) and (a[1] > 0 or a[1] == -1))
+  if not len(axes) or not all(ok(a) for a in axes):
+    return '(name, size) pairs; sizes are positive, or -1 for the rest'
+  names = [a[0] for a in axes]
+  if names.count(DATA_AXIS) != 1 or len(set(names)) != len(names):
+    return f'needs one {DATA_AXIS!r} axis and distinct names'
+  if [a[1] for a in axes].count(-1) > 1:
+    return 'at most one -1 (the rest)'
+  return None
 
 
 def platform(mesh) -> str:
@@ -141,28 +154,27 @@ def state_shardings(abstract_state, mesh, rules='replicated'):
   return jax.tree_util.tree_map_with_path(place, abstract_state)
 
 
-def abstract_train_state(rng, *, model, tx, input_shape, mesh, rules='replicated'):
-  """The train state's shapes and dtypes, each carrying its target sharding (what jit,
-  orbax restore and ahead-of-time compilation take), without computing anything."""
+def train_state_initializer(rng, *, model, tx, input_shape, mesh, rules='replicated'):
+  """(``init(key) -> TrainState``, the state's abstract form): the jitted program that
+  initialises a state straight into the shardings ``rules`` give it, for keys of ``rng``'s kind,
+  and its ShapeDtypeStructs carrying those shardings (what orbax restores onto and ahead-of-time
+  compilation takes). A caller that makes many fresh states keeps ``init``: it compiles once."""
   init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape)
   abstract = jax.eval_shape(init, rng)
-  return with_shardings(abstract, state_shardings(abstract, mesh, rules))
+  abstract = with_shardings(abstract, state_shardings(abstract, mesh, rules))
+  return jax.jit(init, out_shardings=shardings_of(abstract)), abstract
 
 
-def create_train_state(rng, *, model, tx, input_shape, mesh, rules='replicated'):
-  """The initial train state, initialised by one jitted program straight into its shardings:
-  the one way every caller (trainer, dry run, benchmarks, notebook, tests) builds it."""
-  return train_state_initializer(rng, model=model, tx=tx, input_shape=input_shape, mesh=mesh,
-                                 rules=rules)(rng)
+def abstract_train_state(rng, **kwargs):
+  """The state's shapes, dtypes and target shardings, computing nothing (``kwargs``: those of
+  :func:`train_state_initializer`)."""
+  return train_state_initializer(rng, **kwargs)[1]
 
 
-def train_state_initializer(rng, *, model, tx, input_shape, mesh, rules='replicated'):
-  """``create_train_state``'s jitted program, ``init(key) -> TrainState`` for keys of ``rng``'s
-  kind: a caller that makes many fresh states (the benchmark) keeps it and compiles it once."""
-  init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape)
-  target = abstract_train_state(rng, model=model, tx=tx, input_shape=input_shape, mesh=mesh,
-                                rules=rules)
-  return jax.jit(init, out_shardings=shardings_of(target))
+def create_train_state(rng, **kwargs):
+  """The initial train state, placed by the rules: the one way every caller (trainer, dry run,
+  benchmarks, notebook, tests) builds it (``kwargs``: those of :func:`train_state_initializer`)."""
+  return train_state_initializer(rng, **kwargs)[0](rng)
 
 
 def shardings_of(tree):

@@ -15,13 +15,11 @@ import os
 import signal
 import time
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 
 from refinenet_jax import (checkpoint, config_rules, inference, losses, metrics, optim, sharding,
                            steps, tree_check, writers)
@@ -166,10 +164,8 @@ def _checkpoint_meta(config, model) -> dict:
 @dataclasses.dataclass(frozen=True)
 class Run:
   """What a run is made of (``setup``): train, eval and predict modes share it."""
-  config: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   model: Any
-  tx: optax.GradientTransformation
   info: datasets.DatasetInfo
   train_ds: Any  # grain datasets, None for the splits not asked for
   eval_ds: Any
@@ -178,18 +174,13 @@ class Run:
   crop: tuple[int, int]
   eval_size: tuple[int, int] | None
   eval_window: tuple[int, int] | None
+  init: Callable[[jax.Array], TrainState]  # key -> a fresh state, placed by the sharding rules
   abstract: TrainState  # shapes and dtypes, each leaf carrying its target sharding
   ckpts: checkpoint.Checkpoints
 
   @property
   def state_sh(self) -> TrainState:
     return sharding.shardings_of(self.abstract)
-
-  def init(self, rng) -> TrainState:
-    """A freshly initialised state, placed by the config's sharding rules."""
-    return sharding.create_train_state(
-        rng, model=self.model, tx=self.tx, input_shape=(1, *self.crop, 3), mesh=self.mesh,
-        rules=self.config.sharding_rules)
 
 
 def setup(config, workdir: str, splits=('train', 'eval')) -> Run:
@@ -203,17 +194,16 @@ def setup(config, workdir: str, splits=('train', 'eval')) -> Run:
   model = build_model(config)
   info, train_ds, eval_ds, (n_train, n_eval, crop, eval_size) = make_data(
       config, model.normalization, splits)
-  tx = optim.make_optimizer(config)
-  abstract = sharding.abstract_train_state(
-      jax.random.key(config.seed), model=model, tx=tx, input_shape=(1, *crop, 3), mesh=mesh,
-      rules=config.sharding_rules)
+  init, abstract = sharding.train_state_initializer(
+      jax.random.key(config.seed), model=model, tx=optim.make_optimizer(config),
+      input_shape=(1, *crop, 3), mesh=mesh, rules=config.sharding_rules)
   window = eval_window(config, eval_size, crop, mesh.size) if eval_ds is not None else None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints,
                                  meta=_checkpoint_meta(config, model))
-  return Run(config=config, mesh=mesh, model=model, tx=tx, info=info, train_ds=train_ds,
-             eval_ds=eval_ds, n_train=n_train, n_eval=n_eval, crop=crop, eval_size=eval_size,
-             eval_window=window, abstract=abstract, ckpts=ckpts)
+  return Run(mesh=mesh, model=model, info=info, train_ds=train_ds, eval_ds=eval_ds,
+             n_train=n_train, n_eval=n_eval, crop=crop, eval_size=eval_size, eval_window=window,
+             init=init, abstract=abstract, ckpts=ckpts)
 
 
 def loss_parts(metrics: dict, model) -> dict:

@@ -303,17 +303,15 @@ def test_staged_initialisation_keeps_the_coarser_predictions():
 def _run(model):
   """A ``train.Run`` with what ``train.initial_state`` reads (no data, no checkpoints)."""
   mesh = sharding.make_mesh(1)
-  tx = optax.sgd(1e-3)
-  abstract = sharding.abstract_train_state(jax.random.key(0), model=model, tx=tx,
-                                           input_shape=(1, 32, 32, 3), mesh=mesh)
+  init, abstract = sharding.train_state_initializer(
+      jax.random.key(0), model=model, tx=optax.sgd(1e-3), input_shape=(1, 32, 32, 3), mesh=mesh)
 
   class NoCheckpoints:
     def latest_step(self):
       return None
 
-  return train.Run(config=ml_collections.ConfigDict(dict(sharding_rules='replicated')),
-                   mesh=mesh, model=model, tx=tx, info=None, train_ds=None, eval_ds=None,
-                   n_train=0, n_eval=0, crop=(32, 32), eval_size=None, eval_window=None,
+  return train.Run(mesh=mesh, model=model, info=None, train_ds=None, eval_ds=None, n_train=0,
+                   n_eval=0, crop=(32, 32), eval_size=None, eval_window=None, init=init,
                    abstract=abstract, ckpts=NoCheckpoints())
 
 

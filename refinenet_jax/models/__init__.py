@@ -80,7 +80,6 @@ def create_model(name: str, num_classes: int, **overrides):
   return ctor(num_classes=num_classes, **model_kw)
 
 
-
 def start_from(source: str, target: str, variables, model, where: str = 'the weights'):
   """Another registered model's ``variables`` as the start of ``model`` (registered as
   ``target``), when the target's module knows how: its ``start_from(source, target, variables,
