@@ -28,6 +28,7 @@ setup(
         'pillow>=10.0',
         'opencv-python-headless>=4.8',
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
+        'flatbuffers>=24.3',  # jax.export's serialization (export.py, serving.py)
     ],
     extras_require={
         # nbclient/nbformat/ipykernel execute the Colab notebook in a test; matplotlib draws

@@ -313,8 +313,9 @@ class Checkpoints:
       logging.getLogger('absl').removeFilter(_SHORT_ORBAX_ERRORS)
 
 
-def read_variables(directory: str, sharding) -> tuple[dict, dict]:
-  """(meta, {'params', 'batch_stats'}) of a finished run's best step (else its latest).
+def read_variables(directory: str, sharding, which: str = 'best') -> tuple[dict, dict]:
+  """(meta, {'params', 'batch_stats'}) of a finished run's best step (else, or with
+  ``which='latest'``, its latest); ``meta['step']`` is the step read.
 
   What ``init_checkpoint=<workdir>`` starts a new run from (fine-tuning, staged FCN training);
   the optimizer state, step and data position stay behind. ``sharding`` places every array
@@ -326,7 +327,9 @@ def read_variables(directory: str, sharding) -> tuple[dict, dict]:
       'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    step = best_scored(read_scores(path), manager.all_steps())
+    if which not in ('best', 'latest'):
+      raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    step = best_scored(read_scores(path), manager.all_steps()) if which == 'best' else None
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {path}')
@@ -337,5 +340,5 @@ def read_variables(directory: str, sharding) -> tuple[dict, dict]:
         meta=ocp.args.JsonRestore(), state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
-  return out['meta'], {k: out['state'][k] for k in ('params', 'batch_stats')}
+  return {**out['meta'], 'step': int(step)}, {k: out['state'][k] for k in ('params', 'batch_stats')}
 

@@ -7,6 +7,7 @@ returning (N, h', w', C) logits at any resolution.
 """
 from __future__ import annotations
 
+import fractions
 import math
 from typing import Callable, Sequence
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refinenet_jax.data import transforms
-from refinenet_jax.models.layers import resize_bilinear
+from refinenet_jax.models.layers import is_static, resize_bilinear
 
 # Official RefineNet multi-scale test (demo_predict_mscale_*.m + fuse_multiscale_results.m):
 # one prediction per scale, fused with equal weights.
@@ -36,8 +37,12 @@ def settings(config, normalization: str, window=None) -> dict:
 
 def scaled_size(size: Sequence[int], scale: float) -> tuple[int, int]:
   """Round half up (MATLAB ``round``), not Python's half-to-even, so sizes match the official
-  code; never below 1 pixel."""
-  return tuple(max(1, int(math.floor(s * scale + 0.5))) for s in size)
+  code; never below 1 pixel. Symbolic sizes (``jax.export``) round the exact fraction."""
+  if is_static(*size):
+    return tuple(max(1, int(math.floor(s * scale + 0.5))) for s in size)
+  q = fractions.Fraction(scale).limit_denominator(10**6)
+  return tuple(jax.core.max_dim(1, (2 * s * q.numerator + q.denominator) // (2 * q.denominator))
+               for s in size)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -119,7 +124,7 @@ def predict_probs(logits_fn: LogitsFn, images: jnp.ndarray, *,
     raise ValueError(f'scales must be positive, got {tuple(scales)}')
   images = jnp.asarray(images, jnp.float32)
   n, h, w = images.shape[:3]
-  out_size = (h, w) if out_size is None else tuple(int(v) for v in out_size)
+  out_size = (h, w) if out_size is None else tuple(out_size)
   if window is not None:
     window = tuple(int(v) for v in window)
     stride = _default_stride(window) if stride is None else tuple(int(v) for v in stride)

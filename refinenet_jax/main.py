@@ -4,10 +4,12 @@
       [--mode=train|eval|predict] [--config.num_steps=100 ...]
   python -m refinenet_jax.main --mode=predict --workdir=runs/default --input_dir=imgs --output_dir=out
       [--overwrite]
+  python -m refinenet_jax.main --mode=predict --artifact=exported --input_dir=imgs --output_dir=out
 
 Multi-host: run the same command on every host; ``jax.distributed.initialize()`` picks up the
 cluster from the environment (TPU pods, SLURM) or from --coordinator/--num_processes/--process_id.
 """
+import functools
 import sys
 
 import jax
@@ -17,8 +19,10 @@ from absl import app, flags
 from refinenet_jax import config_flag, train
 
 _CONFIG = config_flag.define('config', 'experiment config file')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs',
-                               required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs')
+_ARTIFACT = flags.DEFINE_string('artifact', None,
+                                'predict: an exported model (python -m refinenet_jax.export) '
+                                'instead of --workdir and --config')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'what to run')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', ['best', 'latest'],
                                 'eval/predict: which checkpoint of the workdir')
@@ -38,6 +42,13 @@ def main(argv):
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  if _ARTIFACT.value:
+    if _MODE.value != 'predict' or _WORKDIR.value:
+      raise app.UsageError('--artifact goes with --mode=predict, without --workdir')
+    _predict(train.predict_exported, _ARTIFACT.value)
+    return
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required (or --artifact with --mode=predict)')
   tfds.disable_progress_bar()  # a bar per split and shard would bury the training log
   config = _CONFIG.value
   if config is None:
@@ -49,13 +60,17 @@ def main(argv):
   elif _MODE.value == 'eval':
     train.evaluate(config, _WORKDIR.value, _CHECKPOINT.value)
   else:
-    if not _INPUT.value or not _OUTPUT.value:
-      raise app.UsageError('--mode=predict needs --input_dir and --output_dir')
-    try:
-      train.predict(config, _WORKDIR.value, _INPUT.value, _OUTPUT.value, _CHECKPOINT.value,
-                    overwrite=_OVERWRITE.value)
-    except (train.PredictError, FileExistsError) as e:  # a message, not a traceback; exit 1
-      sys.exit(f'predict: {e}')
+    _predict(functools.partial(train.predict, config), _WORKDIR.value,
+             checkpoint=_CHECKPOINT.value)
+
+
+def _predict(predict_fn, source: str, **kwargs):
+  if not _INPUT.value or not _OUTPUT.value:
+    raise app.UsageError('--mode=predict needs --input_dir and --output_dir')
+  try:
+    predict_fn(source, _INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value, **kwargs)
+  except (train.PredictError, FileExistsError, FileNotFoundError) as e:  # a message; exit 1
+    sys.exit(f'predict: {e}')
 
 
 if __name__ == '__main__':

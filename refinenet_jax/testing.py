@@ -39,3 +39,33 @@ def synthetic_state_dict(key_shapes, seed: int = 0) -> dict[str, np.ndarray]:
       v = (2 * u - 1) * 0.1
     out[key] = v.astype(np.float32)
   return out
+
+
+def random_variables(model, input_shape=(1, 32, 32, 3), seed: int = 0) -> dict:
+  """Flax variables of ``model`` filled from numpy by the rules above, from shapes alone.
+
+  ``jax.eval_shape`` instead of a compiled ``model.init``: on 2 CPU cores XLA spends 10-40 s
+  compiling the init of even a tiny model (mostly its random number generation), and a test
+  that checks values needs weights, not the initialisers' distributions.
+  """
+  import jax
+  import jax.numpy as jnp
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(input_shape, jnp.float32))
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  values = []
+  for i, (path, leaf) in enumerate(flat):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    u = np.random.default_rng([seed, i]).random(leaf.shape)
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      v = (2 * u - 1) * np.sqrt(3.0 / fan_in)
+    elif name == 'mean':
+      v = (2 * u - 1) * 0.2
+    elif name == 'var':
+      v = 0.5 + u
+    elif name == 'scale':  # BN and GroupNorm scales
+      v = 0.5 + 0.5 * u
+    else:  # biases and anything else
+      v = (2 * u - 1) * 0.1
+    values.append(np.asarray(v, leaf.dtype))
+  return jax.tree.unflatten(jax.tree.structure(abstract), values)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refinenet_jax import (checkpoint, config_rules, inference, losses, metrics, optim, sharding,
-                           steps, tree_check, writers)
+from refinenet_jax import (checkpoint, config_rules, inference, losses, metrics, optim, serving,
+                           sharding, steps, tree_check, writers)
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax import models
@@ -156,9 +156,12 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _checkpoint_meta(config, model) -> dict:
+def _checkpoint_meta(config, model, info) -> dict:
+  """What a checkpoint says about itself: enough to rebuild and export the model alone."""
   return {'model': config.model, 'num_classes': config.num_classes,
-          'normalization': model.normalization, 'config': config.to_json_best_effort()}
+          'normalization': model.normalization, 'config': config.to_json_best_effort(),
+          'dataset': info.name, 'class_names': list(info.class_names),
+          'palette': np.asarray(info.palette).tolist(), 'ignore_label': info.ignore_label}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +203,7 @@ def setup(config, workdir: str, splits=('train', 'eval')) -> Run:
   window = eval_window(config, eval_size, crop, mesh.size) if eval_ds is not None else None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints,
-                                 meta=_checkpoint_meta(config, model))
+                                 meta=_checkpoint_meta(config, model, info))
   return Run(mesh=mesh, model=model, info=info, train_ds=train_ds, eval_ds=eval_ds,
              n_train=n_train, n_eval=n_eval, crop=crop, eval_size=eval_size, eval_window=window,
              init=init, abstract=abstract, ckpts=ckpts)
@@ -462,11 +465,12 @@ def _predict_outputs(input_dir: str, output_dir: str) -> dict[str, tuple[str, st
   return outputs
 
 
-def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: str = 'best',
-            overwrite: bool = False) -> list[str]:
-  """Colour-coded masks (``<name>_mask.png``) and overlays (``<name>_overlay.png``).
+def write_predictions(load: Callable[[], tuple[Callable, np.ndarray]], input_dir: str,
+                      output_dir: str, overwrite: bool = False) -> list[str]:
+  """Colour-coded masks (``<name>_mask.png``) and overlays (``<name>_overlay.png``) of every
+  image in ``input_dir``; ``load()`` returns (labels of one uint8 (H, W, 3) image, palette).
 
-  Existing outputs are refused (all checked before the model is loaded) unless ``overwrite``.
+  Existing outputs are refused (all checked before ``load`` runs) unless ``overwrite``.
   An unreadable image does not stop the others: the bad ones are listed at the end and
   :class:`PredictError` raised once every good image's outputs are written.
   """
@@ -479,13 +483,7 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
     raise FileExistsError(f'{len(existing)} output file(s) exist: {listed}; pass '
                           'overwrite=True (--overwrite) or choose another output_dir')
   os.makedirs(output_dir, exist_ok=True)
-  run = setup(config, workdir, splits=())
-  state, _ = _restore_for_inference(config, run, checkpoint)
-  model, info = run.model, run.info
-  single = sharding.make_mesh(1)  # one image at a time, any size: no batch to shard
-  state = jax.device_put(state, sharding.replicated(single))
-  predict_fn = jax.jit(functools.partial(steps.predict_step, model=model,
-                                         **inference.settings(config, model.normalization)))
+  labels_fn, palette = load()
   written, failures = [], []
   for name, paths in outputs.items():
     path = os.path.join(input_dir, name)
@@ -495,12 +493,10 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
     except Exception as e:  # PIL raises several types for damaged or unsupported files
       failures.append((path, f'cannot decode image: {type(e).__name__}: {e}'))
       continue
-    pred = np.asarray(predict_fn(state, {'image': image[None]}))[0]
-    colours = info.palette[pred]
+    colours = palette[labels_fn(image)]
     for out, array in zip(paths, (colours, writers.overlay(image, colours))):
       Image.fromarray(array).save(out)
       written.append(out)
-  run.ckpts.close()
   print(f'wrote {len(written)} files for {len(outputs) - len(failures)} images to {output_dir}',
         flush=True)
   if failures:
@@ -508,3 +504,32 @@ def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: s
       print(f'FAILED {path}: {reason}', flush=True)
     raise PredictError(failures, written)
   return written
+
+
+def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: str = 'best',
+            overwrite: bool = False) -> list[str]:
+  """:func:`write_predictions` with a workdir's best (or latest) step and the config's eval
+  settings (scales, flip, window)."""
+  def load():
+    run = setup(config, workdir, splits=())
+    state, _ = _restore_for_inference(config, run, checkpoint)
+    run.ckpts.close()
+    single = sharding.make_mesh(1)  # one image at a time, any size: no batch to shard
+    state = jax.device_put(state, sharding.replicated(single))
+    predict_fn = jax.jit(functools.partial(
+        steps.predict_step, model=run.model,
+        **inference.settings(config, run.model.normalization)))
+    return lambda image: np.asarray(predict_fn(state, {'image': image[None]}))[0], \
+        run.info.palette
+  return write_predictions(load, input_dir, output_dir, overwrite)
+
+
+def predict_exported(artifact: str, input_dir: str, output_dir: str,
+                     overwrite: bool = False) -> list[str]:
+  """:func:`write_predictions` with an exported model (``python -m refinenet_jax.export``):
+  its baked-in scales and flip, its manifest's palette."""
+  def load():
+    fn = serving.load(artifact)
+    palette = np.asarray(fn.manifest['palette'], np.uint8)
+    return lambda image: np.asarray(fn(image[None])['labels'])[0], palette
+  return write_predictions(load, input_dir, output_dir, overwrite)

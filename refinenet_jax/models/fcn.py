@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from refinenet_jax.models.layers import max_pool
+from jax import lax
+from refinenet_jax.models.layers import is_static, max_pool
 from refinenet_jax.tree_check import check_tree
 
 Dtype = Any
@@ -89,8 +90,9 @@ def bilinear_upsample(x, kernel: int, stride: int, offset: int = 0, size=None):
   h, w = x.shape[1:3]
   if size is None:
     size = ((h - 1) * stride + kernel, (w - 1) * stride + kernel)
-  mh = jnp.asarray(_upsampling_matrix(h, kernel, stride, offset, int(size[0])), x.dtype)
-  mw = jnp.asarray(_upsampling_matrix(w, kernel, stride, offset, int(size[1])), x.dtype)
+  matrix = _upsampling_matrix if is_static(h, w, *size) else _traced_upsampling_matrix
+  mh = jnp.asarray(matrix(h, kernel, stride, offset, size[0]), x.dtype)
+  mw = jnp.asarray(matrix(w, kernel, stride, offset, size[1]), x.dtype)
   x = jnp.einsum('oh,nhwc->nowc', mh, x)
   return jnp.einsum('pw,nowc->nopc', mw, x)
 
@@ -103,13 +105,26 @@ def learned_deconv(features: int, kernel: int, stride: int, dtype: Dtype = jnp.f
                           name=name)
 
 
+def _traced_upsampling_matrix(n_in, kernel: int, stride: int, offset: int, n_out):
+  """:func:`_upsampling_matrix` built in the graph, for symbolic sizes (``jax.export``); exact,
+  as it only looks the filter taps up."""
+  o = lax.broadcasted_iota(jnp.int32, (n_out, n_in), 0)
+  i = lax.broadcasted_iota(jnp.int32, (n_out, n_in), 1)
+  tap = o + offset - i * stride
+  taps = jnp.asarray(bilinear_1d(kernel), jnp.float32)
+  return jnp.where((tap >= 0) & (tap < kernel), taps[jnp.clip(tap, 0, kernel - 1)], 0.0)
+
+
 def max_pool_ceil(x):
-  """2x2/2 max pool with Caffe's ceil rounding: an odd last row/column is pooled alone."""
-  return max_pool(x, (2, 2), (2, 2), ((0, x.shape[1] % 2), (0, x.shape[2] % 2)))
+  """2x2/2 max pool with Caffe's ceil rounding: an odd last row/column is pooled alone. One row
+  and column of -inf padding gives ceil(n / 2) windows for any n, and an even n never reaches
+  it, so the padding needs no size (and works for ``jax.export``'s symbolic ones)."""
+  return max_pool(x, (2, 2), (2, 2), ((0, 1), (0, 1)))
 
 
 def _crop(x, offset: int, size):
-  if offset + size[0] > x.shape[1] or offset + size[1] > x.shape[2]:
+  if is_static(*size, *x.shape[1:3]) and (offset + size[0] > x.shape[1]
+                                          or offset + size[1] > x.shape[2]):
     raise ValueError(f'cannot crop {size} at offset {offset} from {x.shape[1:3]}')
   return x[:, offset:offset + size[0], offset:offset + size[1]]
 

@@ -9,6 +9,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
@@ -42,17 +43,62 @@ def _interp_matrix(n_in: int, n_out: int, mode: str) -> np.ndarray:
   return m.astype(np.float32)
 
 
+def _traced_interp_matrix(n_in, n_out, mode: str) -> jnp.ndarray:
+  """:func:`_interp_matrix` built in the graph, for symbolic sizes (``jax.export`` with any
+  height and width); float32 arithmetic, so it may differ from the float64 table by ~1e-7."""
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'unknown resize mode {mode!r}; expected one of {RESIZE_MODES}')
+  out = lax.broadcasted_iota(jnp.float32, (n_out, n_in), 0)
+  col = lax.broadcasted_iota(jnp.int32, (n_out, n_in), 1)
+  f_in, f_out = jnp.asarray(n_in, jnp.float32), jnp.asarray(n_out, jnp.float32)
+  if mode == 'align_corners':
+    src = out * ((f_in - 1) / jnp.maximum(f_out - 1, 1))
+  else:
+    src = jnp.maximum((out + 0.5) * (f_in / f_out) - 0.5, 0.0)
+  lo = jnp.minimum(jnp.floor(src).astype(jnp.int32), n_in - 1)
+  hi = jnp.minimum(lo + 1, n_in - 1)
+  frac = src - lo
+  return jnp.where(col == lo, 1.0 - frac, 0.0) + jnp.where(col == hi, frac, 0.0)
+
+
+def is_static(*dims) -> bool:
+  """Whether every size is a plain integer (not a ``jax.export`` symbolic dimension)."""
+  return all(isinstance(d, (int, np.integer)) for d in dims)
+
+
 def resize_bilinear(x: jnp.ndarray, size: Sequence[int], mode: str = 'align_corners',
                     precision=None) -> jnp.ndarray:
   """Bilinear resize of an NHWC tensor to the exact spatial ``size`` (H, W)."""
-  h_out, w_out = int(size[0]), int(size[1])
+  h_out, w_out = size
   h_in, w_in = x.shape[1], x.shape[2]
-  if (h_in, w_in) == (h_out, w_out):
+  if (h_in, w_in) == (h_out, w_out):  # symbolic sizes: equal only if provably so
     return x
-  mh = jnp.asarray(_interp_matrix(h_in, h_out, mode), x.dtype)
-  mw = jnp.asarray(_interp_matrix(w_in, w_out, mode), x.dtype)
+  if is_static(h_in, w_in, h_out, w_out):
+    mh, mw = _interp_matrix(h_in, int(h_out), mode), _interp_matrix(w_in, int(w_out), mode)
+  else:
+    mh, mw = _traced_interp_matrix(h_in, h_out, mode), _traced_interp_matrix(w_in, w_out, mode)
+  mh, mw = jnp.asarray(mh, x.dtype), jnp.asarray(mw, x.dtype)
   x = jnp.einsum('oh,nhwc->nowc', mh, x, precision=precision)
   return jnp.einsum('pw,nowc->nopc', mw, x, precision=precision)
+
+
+def _provably_ge(a, b) -> bool:
+  """``a >= b`` for every value of the symbolic sizes (``jax.export``) in them; plain ints as
+  usual. An undecidable comparison (true only for some sizes) counts as False."""
+  try:
+    return bool(a >= b)
+  except jax.errors.InconclusiveDimensionOperation:
+    return False
+
+
+def largest_size(sizes):
+  """The (H, W) that is at least every other in both dimensions, compared per dimension: the
+  finest input of a fusion, also for ``jax.export``'s symbolic sizes (where a coarser map can
+  tie with a finer one at small sizes, so only the finest is provably the largest)."""
+  for size in sizes:
+    if all(_provably_ge(size[0], s[0]) and _provably_ge(size[1], s[1]) for s in sizes):
+      return size
+  raise ValueError(f'no input is the largest in both dimensions: {sizes}')
 
 
 def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
@@ -215,7 +261,7 @@ class RefineBlock(nn.Module):
     if len(named) == 1:
       x = named[0][1]
     else:
-      target = max((v.shape[1:3] for _, v in named), key=lambda s: s[0] * s[1])
+      target = largest_size([v.shape[1:3] for _, v in named])
       x = None
       for name, v in named:
         v = conv(self.features, self.kernel, use_bias=False, name=name, dtype=self.dtype,
