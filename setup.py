@@ -38,5 +38,9 @@ setup(
         'tpu': ['jax[tpu]'],
         # Only for regenerating parity fixtures / side-by-side benchmarks; never needed to run.
         'torch': ['torch>=2.3'],
+        # ONNX export (export_onnx.py), in a venv of its own: jax2onnx >= 0.13.1 declares
+        # orbax-checkpoint < 0.11.37 (README, "ONNX export"); 0.17 is the first to convert a
+        # strided lax.conv_transpose (ExFuse) correctly.
+        'onnx': ['jax2onnx>=0.17.0', 'onnx>=1.20.1', 'onnxruntime>=1.24.1'],
     },
 )
