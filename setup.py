@@ -14,7 +14,7 @@ setup(
         'jax>=0.10.2',
         'flax>=0.12.8',
         'optax>=0.2.8',
-        'orbax-checkpoint>=0.12.8',
+        'orbax-checkpoint>=0.11.36',  # not higher: the onnx extra's jax2onnx bounds it (README)
         'ml-collections>=1.1.0',
         'chex>=0.1.92',
         'absl-py>=2.1',

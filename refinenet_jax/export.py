@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,8 @@ from refinenet_jax.models.preprocessing import normalize_images
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 PROBS_DTYPES = ('float32', 'bfloat16')
 FILE = 'model.jax_exported'
+ONNX_FILE = 'model.onnx'
+FORMATS = ('jax', 'onnx')
 FORMAT_VERSION = 1
 load = serving.load
 
@@ -90,11 +93,13 @@ def _library_commit() -> str | None:
   return out.stdout.strip() if out.returncode == 0 else None
 
 
-def manifest_for(source: Source, data: bytes, *, scales, flip, probs_dtype, platforms) -> dict:
+def manifest_for(source: Source, data: bytes, *, scales, flip, probs_dtype, platforms,
+                 format: str = 'jax') -> dict:
   model = source.model
   return {
       'format_version': FORMAT_VERSION,
-      'file': FILE,
+      'format': format,
+      'file': FILE if format == 'jax' else ONNX_FILE,
       'sha256': hashlib.sha256(data).hexdigest(),
       'model': source.name,
       'source': source.origin,
@@ -115,29 +120,45 @@ def manifest_for(source: Source, data: bytes, *, scales, flip, probs_dtype, plat
 
 
 def write_artifact(source: Source, output: str, *, scales=(1.0,), flip=False,
-                   probs_dtype='float32', platforms=PLATFORMS, overwrite=False) -> str:
+                   probs_dtype='float32', platforms=PLATFORMS, overwrite=False,
+                   format: str = 'jax') -> str:
   """Exports ``source`` into the folder ``output`` (refused if it exists, unless ``overwrite``);
   the folder appears complete or not at all."""
   output = os.path.abspath(output)
   if os.path.lexists(output) and not overwrite:
     raise FileExistsError(f'output {output} already exists; pass --overwrite or another path')
+  if os.path.lexists(output) and not os.path.isfile(os.path.join(output, serving.MANIFEST)):
+    raise FileExistsError(f'output {output} exists and is not an exported model (no '
+                          f'{serving.MANIFEST}): not replaced, even with --overwrite')
+  if format not in FORMATS:
+    raise ValueError(f'format must be one of {FORMATS}, got {format!r}')
   fn = serving_function(source.model, source.variables, scales=scales, flip=flip,
                         probs_dtype=probs_dtype)
-  data = export_function(fn, platforms).serialize()
-  manifest = manifest_for(source, data, scales=scales, flip=flip, probs_dtype=probs_dtype,
-                          platforms=platforms)
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.export-', dir=parent)
-  with open(os.path.join(tmp, FILE), 'wb') as f:
-    f.write(data)
+  try:
+    if format == 'jax':
+      data = export_function(fn, platforms).serialize()
+      with open(os.path.join(tmp, FILE), 'wb') as f:
+        f.write(data)
+    else:
+      from refinenet_jax import export_onnx
+      platforms = ('onnxruntime',)
+      with open(export_onnx.to_onnx(fn, len(source.class_names), os.path.join(tmp, ONNX_FILE)),
+                'rb') as f:
+        data = f.read()
+  except BaseException:
+    shutil.rmtree(tmp)
+    raise
+  manifest = manifest_for(source, data, scales=scales, flip=flip, probs_dtype=probs_dtype,
+                          platforms=platforms, format=format)
   with open(os.path.join(tmp, serving.MANIFEST), 'w') as f:
     json.dump(manifest, f, indent=2)
   if os.path.lexists(output):  # overwrite: replace only now that the new artifact is complete
     old = tempfile.mkdtemp(prefix='.replaced-', dir=parent)
     os.rename(output, os.path.join(old, 'artifact'))
     os.rename(tmp, output)
-    import shutil
     shutil.rmtree(old)
   else:
     os.rename(tmp, output)
@@ -191,7 +212,8 @@ def main(argv=None) -> int:
   p.add_argument('--checkpoint', choices=('best', 'latest'), default='best',
                  help='with --workdir: which step')
   p.add_argument('--output', required=True, help='the artifact folder to create')
-  p.add_argument('--format', choices=('jax', 'onnx'), default='jax')
+  p.add_argument('--format', choices=FORMATS, default='jax',
+                 help="onnx: needs the 'onnx' extra (README, 'ONNX export')")
   p.add_argument('--scales', default='1.0', help='comma-separated test-time scales')
   p.add_argument('--flip', action='store_true', help='average with the mirrored image')
   p.add_argument('--probs_dtype', choices=PROBS_DTYPES, default='float32')
@@ -202,19 +224,17 @@ def main(argv=None) -> int:
     scales = tuple(float(s) for s in a.scales.split(','))
   except ValueError:
     p.error(f'--scales must be comma-separated numbers, got {a.scales!r}')
-  if a.format == 'onnx':
-    p.error('--format=onnx needs the onnx extra (not installed in this environment)')
   try:
     source = from_workdir(a.workdir, a.checkpoint) if a.workdir else from_converted(
         a.init_checkpoint)
     out = write_artifact(source, a.output, scales=scales, flip=a.flip,
                          probs_dtype=a.probs_dtype, platforms=a.platforms.split(','),
-                         overwrite=a.overwrite)
-  except (FileExistsError, FileNotFoundError, ValueError) as e:
+                         overwrite=a.overwrite, format=a.format)
+  except (FileExistsError, FileNotFoundError, ValueError, ImportError) as e:
     print(f'export: {e}', file=sys.stderr)
     return 1
   manifest = serving.read_manifest(out)
-  size = os.path.getsize(os.path.join(out, FILE))
+  size = os.path.getsize(os.path.join(out, manifest['file']))
   print(f'exported {source.name} ({source.origin}) to {out}: {size / 2**20:.1f} MiB, '
         f'{manifest["num_classes"]} classes, platforms {",".join(manifest["platforms"])}, '
         f'sha256 {manifest["sha256"][:12]}')

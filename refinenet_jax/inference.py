@@ -135,14 +135,15 @@ def predict_probs(logits_fn: LogitsFn, images: jnp.ndarray, *,
     size = scaled_size((h, w), s)
     x = images if size == (h, w) else resize_bilinear(images, size, resize_mode)
     if flip:
-      x = jnp.concatenate([x, x[:, :, ::-1]], axis=0)
+      x = jax.lax.concatenate([x, jax.lax.rev(x, (2,))], 0)
     if window is None:
       probs = _probs_at(logits_fn(x), out_size, resize_mode)
     else:
       probs = _windowed_probs(logits_fn, x, window, stride, pad_value, resize_mode)
       probs = resize_bilinear(probs, out_size, resize_mode)
     if flip:
-      probs = probs[:n] + probs[n:, :, ::-1]
+      probs = (jax.lax.slice_in_dim(probs, 0, n)
+               + jax.lax.rev(jax.lax.slice_in_dim(probs, n, 2 * n), (2,)))
     total = probs if total is None else total + probs
   return total / (len(scales) * (2 if flip else 1))
 

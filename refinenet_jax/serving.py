@@ -28,6 +28,9 @@ def read_manifest(folder: str) -> dict:
 def load(folder: str):
   """The artifact's inference function; ``.manifest`` holds its manifest (classes, palette...)."""
   manifest = read_manifest(folder)
+  if manifest.get('format', 'jax') != 'jax':
+    raise ValueError(f'{folder} holds a {manifest["format"]} model ({manifest["file"]}); run it '
+                     'with its own runtime (onnxruntime for onnx)')
   path = os.path.join(folder, manifest['file'])
   with open(path, 'rb') as f:
     data = f.read()

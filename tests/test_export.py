@@ -1,6 +1,7 @@
 """jax.export artifacts: symbolic shapes, a round trip in a fresh process with jax only, inputs
 refused, files never half-written."""
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -128,6 +129,11 @@ def test_wrong_inputs_damaged_files_and_existing_outputs_are_refused(tmp_path):
   export.write_artifact(source, folder, platforms=('cpu',), flip=True, overwrite=True)
   assert serving.read_manifest(folder)['flip'] is True
   assert sorted(os.listdir(tmp_path)) == ['art']  # no temporary folder left behind
+  (tmp_path / 'mine').mkdir()
+  (tmp_path / 'mine' / 'notes.txt').write_text('keep')
+  with pytest.raises(FileExistsError, match='not an exported model'):
+    export.write_artifact(source, str(tmp_path / 'mine'), platforms=('cpu',), overwrite=True)
+  assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'
   # a damaged program is refused by its hash, naming the file
   path = tmp_path / 'art' / export.FILE
   path.write_bytes(path.read_bytes()[:-10] + b'0' * 10)
@@ -158,3 +164,9 @@ def test_cli_exports_converted_weights(tmp_path, capsys):
   assert export.main(['--init_checkpoint', str(tmp_path / 'nothing'), '--output',
                       str(tmp_path / 'art2')]) == 1
   assert 'not a converted checkpoint' in capsys.readouterr().err
+  if importlib.util.find_spec('jax2onnx') is None:  # the main venv: onnx is an extra
+    assert export.main(['--init_checkpoint', str(tmp_path / 'conv'), '--output',
+                        str(tmp_path / 'art3'), '--format=onnx']) == 1
+    assert "'onnx' extra" in capsys.readouterr().err
+    assert not (tmp_path / 'art3').exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith('.export-')] == []

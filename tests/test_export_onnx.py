@@ -1,5 +1,7 @@
 """ONNX export (the optional 'onnx' extra, its own venv): one artifact per model with symbolic
 batch, height and width, run in ONNX Runtime against the library's serving function."""
+import hashlib
+import json
 import sys
 
 import jax
@@ -9,6 +11,7 @@ import pytest
 
 import refinenet_jax as rj
 from refinenet_jax import export, export_onnx
+from refinenet_jax.testing import random_variables
 
 MODELS = ['refinenet_tiny', 'lw_refinenet_tiny', 'fcn8s_tiny', 'fcn_resnet_tiny', 'exfuse_tiny']
 SIZES = [(1, 33, 47), (2, 41, 29), (3, 32, 32)]  # (batch, height, width), one artifact for all
@@ -22,15 +25,8 @@ def ort():
 
 
 def _variables(model, seed=0):
-  """Initialised weights with non-trivial BatchNorm statistics."""
-  v = jax.jit(model.init)(jax.random.key(seed, impl='rbg'), jnp.zeros((1, 32, 32, 3)))
-  rng = np.random.default_rng(seed)
-  if 'batch_stats' in v:
-    def stat(path, x):
-      u = rng.random(x.shape, np.float32)
-      return 0.5 + u if jax.tree_util.keystr(path).endswith("'var']") else 0.2 * (2 * u - 1)
-    v = {**v, 'batch_stats': jax.tree_util.tree_map_with_path(stat, v['batch_stats'])}
-  return v
+  v = random_variables(model, seed=seed)  # non-trivial BN statistics, no compiled init
+  return {'params': v['params'], 'batch_stats': v.get('batch_stats', {})}
 
 
 def _check(ort, fn, path, sizes, seed=0):
@@ -60,10 +56,19 @@ def _check(ort, fn, path, sizes, seed=0):
 @pytest.mark.parametrize('name', MODELS)
 def test_onnx_runtime_matches_the_library_at_any_size(ort, tmp_path, name):
   model = rj.create_model(name, NUM_CLASSES)
-  fn = export.serving_function(model, _variables(model))
-  path = export_onnx.to_onnx(fn, NUM_CLASSES, tmp_path / f'{name}.onnx')
-  assert str(path).endswith(f'{name}.onnx')
-  _check(ort, fn, path, SIZES)
+  source = export.Source(model=model, variables=_variables(model), name=name,
+                         class_names=tuple('abcde'), palette=np.zeros((5, 3), np.uint8),
+                         ignore_label=255, origin='test')
+  folder = export.write_artifact(source, str(tmp_path / 'art'), format='onnx')  # --format=onnx
+  manifest = json.loads((tmp_path / 'art' / 'manifest.json').read_text())
+  data = (tmp_path / 'art' / 'model.onnx').read_bytes()
+  assert manifest['format'] == 'onnx' and manifest['file'] == 'model.onnx'
+  assert manifest['sha256'] == hashlib.sha256(data).hexdigest()
+  assert manifest['class_names'] == list('abcde') and manifest['model'] == name
+  with pytest.raises(ValueError, match='onnxruntime'):
+    export.load(folder)  # the jax loader does not pretend to run it
+  fn = export.serving_function(model, source.variables)
+  _check(ort, fn, tmp_path / 'art' / 'model.onnx', SIZES)
 
 
 def test_scales_and_flip_export_too(ort, tmp_path):

@@ -45,7 +45,7 @@ def dense_adjacent_prediction(z: jnp.ndarray, k: int = 3) -> jnp.ndarray:
   for l in range(k):
     for m in range(k):
       g = k * l + m
-      part = zp[:, l:l + h, m:m + w, g * c:(g + 1) * c]
+      part = jax.lax.slice(zp, (0, l, m, g * c), (n, l + h, m + w, (g + 1) * c))
       out = part if out is None else out + part
   return out * (1.0 / (k * k))
 
@@ -86,7 +86,7 @@ class Upsample2x(nn.Module):
                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     else:
       x = resize_bilinear(x, (2 * h, 2 * w), 'half_pixel')
-    return x[:, :size[0], :size[1]]
+    return jax.lax.slice(x, (0, 0, 0, 0), (x.shape[0], size[0], size[1], x.shape[3]))
 
 
 class GlobalConv(nn.Module):
@@ -283,7 +283,8 @@ class ExFuse(nn.Module):
       x = level(3, 4 * c if self.ecre_source == 'gcn' else c)
       if self.ecre_source == 'conv':
         x = conv(4 * c, 3, use_bias=True, name='ecre', dtype=self.dtype, kernel_init=k_init)(x)
-      x = pixel_shuffle(x, 2)[:, :sizes[2][0], :sizes[2][1]]
+      x = pixel_shuffle(x, 2)
+      x = jax.lax.slice(x, (0, 0, 0, 0), (x.shape[0], *sizes[2], x.shape[3]))
       ecre_logits = x
     else:
       x = up('up_res5', level(3, c), sizes[2])
