@@ -29,24 +29,29 @@ CASES = [('refinenet_tiny', (1.0,), False, 'float32'),
          ('fcn_resnet_tiny', (1.0,), True, 'bfloat16'),
          ('exfuse_tiny', (1.0,), False, 'float32')]
 
+
+def _readme_loader() -> str:
+  """The README's loader lines (Deploy section), reading the folder given on the command line."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  start = text.index('```python\nimport hashlib, json, jax\n') + len('```python\n')
+  snippet = text[start:text.index('```', start)]
+  assert "folder = 'exported/refinenet'\n" in snippet
+  return snippet.replace("folder = 'exported/refinenet'", 'folder = sys.argv[1]')
+
+
 # The README's loader, run where neither this library nor flax can be imported.
-CHILD = r'''
+CHILD = """
 import sys
 sys.modules['refinenet_jax'] = sys.modules['flax'] = None  # importing either now fails
 import numpy as np
-folder, inputs, outputs = sys.argv[1:]
-import hashlib, json, jax
-manifest = json.load(open(f'{folder}/manifest.json'))
-data = open(f'{folder}/{manifest["file"]}', 'rb').read()
-assert hashlib.sha256(data).hexdigest() == manifest['sha256'], 'damaged artifact'
-predict = jax.jit(jax.export.deserialize(bytearray(data)).call)
-x = np.load(inputs)
+""" + _readme_loader() + """
+x = np.load(sys.argv[2])
 out = {}
 for k in x.files:
   r = predict(x[k])
   out[k + '/labels'], out[k + '/probs'] = np.asarray(r['labels']), np.asarray(r['probs'], np.float32)
-np.savez(outputs, **out)
-'''
+np.savez(sys.argv[3], **out)
+"""
 
 
 def _source(name):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
-from refinenet_jax import metrics, train
+from refinenet_jax import export, metrics, serving, train
 from refinenet_jax.data.synthetic import PALETTE, make_synthetic_scenes
 
 
@@ -91,6 +91,19 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'img0_mask.png'))
   assert mask.shape == (40, 52, 3)
   assert {tuple(p) for p in mask.reshape(-1, 3)} <= {tuple(p) for p in PALETTE}
+  # exported (the same best step, scales and flip baked in), the run predicts the same masks
+  # without its config or this library's model code; class names and colours come along
+  assert export.main(['--workdir', str(workdir), '--output', str(tmp_path / 'art'),
+                      '--platforms=cpu', '--scales=0.75,1,1.25', '--flip']) == 0
+  manifest = serving.read_manifest(str(tmp_path / 'art'))
+  assert manifest['palette'] == PALETTE[:c.num_classes].tolist()
+  assert len(manifest['class_names']) == c.num_classes and manifest['model'] == c.model
+  assert manifest['source'].endswith(f'step {best.step}')
+  train.predict_exported(str(tmp_path / 'art'), str(images), str(tmp_path / 'pred2'))
+  for i in range(2):
+    a, b = (np.asarray(Image.open(tmp_path / d / f'img{i}_mask.png')) for d in ('pred', 'pred2'))
+    # float32 summation order (a traced vs a stored resize matrix) may flip a near-tie pixel
+    assert (a == b).all(-1).mean() > 0.999
 
 
 def test_unknown_config_key_is_rejected():
