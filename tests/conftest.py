@@ -23,3 +23,5 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ.get(
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+# XLA's optimisations stay on (jax_disable_most_optimizations): measured, it made neither a tiny
+# training run nor tests/test_models.py faster here; the notebook's kernel turns them off.
