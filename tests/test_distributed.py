@@ -65,9 +65,7 @@ def _run_workers(tmp_path, nproc, local):
   out = tmp_path / f'p{nproc}.npz'
   # no inherited device count (each worker sets its own); conftest's compilation cache, shared
   env = {k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'}
-  env.update(PYTHONPATH=ROOT, XLA_FLAGS='',
-             JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1.0')
+  env.update(PYTHONPATH=ROOT, XLA_FLAGS='')
   logs = [tmp_path / f'p{nproc}_{i}.log' for i in range(nproc)]
   procs = []
   for i, log in enumerate(logs):
@@ -104,6 +102,7 @@ def _run_workers(tmp_path, nproc, local):
     return dict(saved)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
   two = _run_workers(tmp_path, nproc=2, local=2)  # 4 devices over 2 processes
   # the reference, 4 devices in 1 process: here, on 4 of conftest's 8

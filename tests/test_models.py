@@ -1,5 +1,6 @@
 """Registry, full-size shapes/parameter counts (eval_shape only) and tiny forward/backward."""
 import dataclasses
+import functools
 import math
 
 import jax
@@ -139,7 +140,7 @@ def _tiny_variants():
 def test_tiny_forward_backward(name, kw):
   model = rj.create_model(name, 5, **kw)
   x = jax.random.normal(jax.random.key(0), (2, 33, 47, 3))
-  v = model.init(jax.random.key(1), x)
+  v = jax.jit(model.init)(jax.random.key(1), x)
   s = max(model.input_scales)
   out_hw = (_quarter(math.ceil(33 * s)), _quarter(math.ceil(47 * s)))
   labels = jax.random.randint(jax.random.key(2), (2, *out_hw), 0, 5)
@@ -165,12 +166,13 @@ def test_frozen_encoder_bn_keeps_statistics_and_trains_affine():
   model = rj.create_model('refinenet_tiny', 3, freeze_encoder_bn=True, tap_dropout=0.0,
                           head_dropout=0.0)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  v = model.init(jax.random.key(1), x)
-  y_train, new = model.apply(v, x, train=True, mutable=['batch_stats'])
-  np.testing.assert_array_equal(y_train, model.apply(v, x, train=False))
+  # jitted: a few compiles instead of hundreds of op-by-op ones
+  v = jax.jit(model.init)(jax.random.key(1), x)
+  train_apply = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
+  y_train, new = train_apply(v, x)
+  np.testing.assert_array_equal(y_train, jax.jit(model.apply)(v, x))
   jax.tree.map(np.testing.assert_array_equal, new['batch_stats'], v['batch_stats'])
-  g = jax.grad(lambda p: model.apply({**v, 'params': p}, x, train=True,
-                                     mutable=['batch_stats'])[0].sum())(v['params'])
+  g = jax.jit(jax.grad(lambda p: train_apply({**v, 'params': p}, x)[0].sum()))(v['params'])
   assert float(jnp.abs(g['encoder']['bn1']['scale']).sum()) > 0
 
 
@@ -205,9 +207,10 @@ def test_bfloat16_compute_close_to_float32():
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   m32 = rj.create_model('refinenet_tiny', 5)
   m16 = rj.create_model('refinenet_tiny', 5, dtype=jnp.bfloat16)
-  v = m32.init(jax.random.key(1), x)
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(m16.init(jax.random.key(1), x)))
-  a, b = m32.apply(v, x), m16.apply(v, x)
+  v = jax.jit(m32.init)(jax.random.key(1), x)
+  assert all(p.dtype == jnp.float32
+             for p in jax.tree.leaves(jax.eval_shape(m16.init, jax.random.key(1), x)))
+  a, b = jax.jit(m32.apply)(v, x), jax.jit(m16.apply)(v, x)
   assert b.dtype == jnp.float32
   rel = float(jnp.abs(a - b).max() / jnp.abs(a).max())
   assert 0 < rel < 0.05, rel

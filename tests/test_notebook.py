@@ -28,8 +28,6 @@ def test_notebook_runs_every_cell(monkeypatch):
       TEST_PARAMETERS.strip(), metadata={'tags': ['injected-parameters']}))
   # The kernel inherits this environment: conftest's 8 fake devices and its compile cache;
   # few XLA optimisations (the cells' results are checked, not their speed).
-  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', jax.config.jax_compilation_cache_dir)
-  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1.0')
   monkeypatch.setenv('JAX_DISABLE_MOST_OPTIMIZATIONS', 'true')
   NotebookClient(nb, timeout=600, kernel_name='python3',
                  resources={'metadata': {'path': str(NOTEBOOK.parent)}}).execute()
