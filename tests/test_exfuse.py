@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import refinenet_jax as rj
+from refinenet_jax.testing import random_variables
 from configs import exfuse_ladder
 from configs.default import get_config as default_config
 from refinenet_jax import losses, optim, steps, train
@@ -27,7 +28,8 @@ def _abstract(model, shape=(1, 64, 64, 3)):
 
 
 def _init(model, x, seed=0):
-  # XLA's RngBitGenerator compiles ~3x faster on CPU than threefry for a many-leaf init
+  """The model's own initialisation (for tests of its initial values); XLA's RngBitGenerator
+  compiles ~3x faster on CPU than threefry for a many-leaf init."""
   return jax.jit(model.init)(jax.random.key(seed, impl='rbg'), x)
 
 
@@ -102,7 +104,7 @@ def test_pixel_shuffle_channel_to_space_mapping():
 def test_ecre_aux_is_the_pixel_shuffled_top_map():
   model = rj.create_model('gcn_tiny', 3, ecre=True)
   x = jax.random.normal(jax.random.key(0), (1, 45, 61, 3))
-  v = _init(model, x)
+  v = random_variables(model, x.shape)
   (logits, aux), state = jax.jit(lambda v, x: model.apply(
       v, x, train=True, mutable=['batch_stats', 'intermediates'],
       capture_intermediates=lambda mdl, _: mdl.name == 'ecre'))(v, x)
@@ -238,7 +240,7 @@ def test_tiny_forward_backward_with_the_other_options():
             ss_stages=(1, 2))
   model = rj.create_model('exfuse_tiny', 5, **kw)
   x = jax.random.normal(jax.random.key(0), (2, 45, 61, 3))  # odd, not multiples of 32
-  v = _init(model, x, 1)
+  v = random_variables(model, x.shape, seed=1)
   labels = jax.random.randint(jax.random.key(2), (2, 45, 61), 0, 5)
 
   def loss_fn(params):
@@ -355,7 +357,7 @@ def test_ladder_trains_a_few_steps_and_logs_weighted_aux_losses(name, kw):
         rng=jax.random.key_data(jax.random.key(1)))
 
   if compiled:
-    state0 = state = make_state(_init(model, jnp.zeros((1, 32, 32, 3))))
+    state0 = state = make_state(random_variables(model))
   else:
     state = jax.eval_shape(lambda: make_state(model.init(jax.random.key(0, impl='rbg'),
                                                          jnp.zeros((1, 32, 32, 3)))))

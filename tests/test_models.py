@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import refinenet_jax as rj
+from refinenet_jax.testing import random_variables
 from refinenet_jax.models import ENCODER_PREFIX, aux_names
 from refinenet_jax.models.backbones import ResNet, encoder_def
 from refinenet_jax.models import refinenet
@@ -140,7 +141,7 @@ def _tiny_variants():
 def test_tiny_forward_backward(name, kw):
   model = rj.create_model(name, 5, **kw)
   x = jax.random.normal(jax.random.key(0), (2, 33, 47, 3))
-  v = jax.jit(model.init)(jax.random.key(1), x)
+  v = random_variables(model, x.shape, seed=1)
   s = max(model.input_scales)
   out_hw = (_quarter(math.ceil(33 * s)), _quarter(math.ceil(47 * s)))
   labels = jax.random.randint(jax.random.key(2), (2, *out_hw), 0, 5)
@@ -166,8 +167,7 @@ def test_frozen_encoder_bn_keeps_statistics_and_trains_affine():
   model = rj.create_model('refinenet_tiny', 3, freeze_encoder_bn=True, tap_dropout=0.0,
                           head_dropout=0.0)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  # jitted: a few compiles instead of hundreds of op-by-op ones
-  v = jax.jit(model.init)(jax.random.key(1), x)
+  v = random_variables(model, x.shape, seed=1)
   train_apply = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))
   y_train, new = train_apply(v, x)
   np.testing.assert_array_equal(y_train, jax.jit(model.apply)(v, x))
@@ -196,7 +196,7 @@ def test_stride_styles_and_output_stride():
 def test_remat_gives_same_values_and_gradients():
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   m, mr = (rj.create_model('refinenet_tiny', 3, remat=r) for r in (False, True))
-  v = m.init(jax.random.key(1), x)
+  v = random_variables(m, x.shape, seed=1)
   f = lambda mod: jax.grad(lambda p: mod.apply({**v, 'params': p}, x).sum())(v['params'])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max()),
                f(m), f(mr))
@@ -207,7 +207,7 @@ def test_bfloat16_compute_close_to_float32():
   x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
   m32 = rj.create_model('refinenet_tiny', 5)
   m16 = rj.create_model('refinenet_tiny', 5, dtype=jnp.bfloat16)
-  v = jax.jit(m32.init)(jax.random.key(1), x)
+  v = random_variables(m32, x.shape, seed=1)
   assert all(p.dtype == jnp.float32
              for p in jax.tree.leaves(jax.eval_shape(m16.init, jax.random.key(1), x)))
   a, b = jax.jit(m32.apply)(v, x), jax.jit(m16.apply)(v, x)
