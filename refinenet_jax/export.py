@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 import numpy as np
 
 import refinenet_jax
@@ -154,7 +156,12 @@ def write_artifact(source: Source, output: str, *, scales=(1.0,), flip=False,
   manifest = manifest_for(source, data, scales=scales, flip=flip, probs_dtype=probs_dtype,
                           platforms=platforms, format=format)
   with open(os.path.join(tmp, serving.MANIFEST), 'w') as f:
-    json.dump(manifest, f, indent=2)
+    # one line per colour, not per channel
+    f.write(re.sub(r'\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]', r'[\1, \2, \3]',
+                   json.dumps(manifest, indent=2)) + '\n')
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # a folder like any other, not mkdtemp's private 0700
   if os.path.lexists(output):  # overwrite: replace only now that the new artifact is complete
     old = tempfile.mkdtemp(prefix='.replaced-', dir=parent)
     os.rename(output, os.path.join(old, 'artifact'))
@@ -220,6 +227,7 @@ def main(argv=None) -> int:
   p.add_argument('--platforms', default=','.join(PLATFORMS))
   p.add_argument('--overwrite', action='store_true', help='replace an existing output folder')
   a = p.parse_args(argv)
+  logging.set_verbosity(logging.ERROR)  # orbax's notes on reading a run's checkpoints
   try:
     scales = tuple(float(s) for s in a.scales.split(','))
   except ValueError:

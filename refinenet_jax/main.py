@@ -69,7 +69,7 @@ def _predict(predict_fn, source: str, **kwargs):
     raise app.UsageError('--mode=predict needs --input_dir and --output_dir')
   try:
     predict_fn(source, _INPUT.value, _OUTPUT.value, overwrite=_OVERWRITE.value, **kwargs)
-  except (train.PredictError, FileExistsError, FileNotFoundError) as e:  # a message; exit 1
+  except (train.PredictError, FileExistsError, FileNotFoundError, ValueError) as e:  # exit 1
     sys.exit(f'predict: {e}')
 
 

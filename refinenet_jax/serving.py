@@ -38,7 +38,13 @@ def load(folder: str):
   if digest != manifest['sha256']:
     raise ValueError(f'{path}: sha256 {digest} is not the manifest\'s {manifest["sha256"]}: the '
                      'file is damaged or belongs to another export')
-  exported = jax.export.deserialize(bytearray(data))
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+    exported.mlir_module()  # parsed now, not at the first call
+  except Exception as e:  # jax reads artifacts of older jax versions, not of newer ones
+    raise ValueError(f'{path} cannot be read by jax {jax.__version__} (exported with jax '
+                     f'{manifest.get("jax_version")}: use that jax or a newer one): '
+                     f'{type(e).__name__}: {e}') from e
   call = jax.jit(exported.call)
 
   def predict(images) -> dict:
