@@ -195,10 +195,11 @@ def _child_export_onnx(spec):
   source = export.from_converted(spec['converted'])  # the library's weights
   t0 = time.time()
   export.write_artifact(source, spec['onnx_dir'], format='onnx')
+  import importlib.metadata
   import jax
-  import jax2onnx
   return {'export_s': time.time() - t0, 'jax': jax.__version__,
-          'jax2onnx': getattr(jax2onnx, '__version__', None)}
+          'jax2onnx': importlib.metadata.version('jax2onnx'),
+          'onnx': importlib.metadata.version('onnx')}
 
 
 def child(spec: dict) -> dict:
@@ -446,6 +447,11 @@ def main(argv=None):
     if not a.workdir:
       shutil.rmtree(work, ignore_errors=True)
   print(f'# load average after {facts["load_average_after"]}')
+  versions = {}
+  for r in records:
+    versions.update({k: v for k, v in r.get('versions', {}).items()
+                     if k in ('jax', 'onnxruntime', 'torch')})
+  print(f'# versions: {json.dumps(versions)}; CPU {facts["cpu_model"]}, {a.threads} threads')
   print(table(records, markdown=a.markdown))
   return records
 
