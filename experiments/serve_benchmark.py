@@ -223,7 +223,7 @@ def child(spec: dict) -> dict:
           'first_call_is': first_what, 'versions': versions, 'warmup': spec['warmup'],
           'runs': spec['runs'], 'step_s_all': step_s, **tr.timing_stats(step_s, images.shape[0]),
           'probs_shape': list(np.shape(out['probs'])), 'probs_dtype': str(np.asarray(
-              out['probs']).dtype), 'python': platform.python_version()}
+              out['probs']).dtype), 'python_version': platform.python_version()}
 
 
 # ---------------------------------------------------------------------------------------------
