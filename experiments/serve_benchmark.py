@@ -95,6 +95,7 @@ def _time_calls(call, images, warmup: int, runs: int, batch: int):
 def _child_library(spec):
   t_import = time.time()
   import jax
+
   from refinenet_jax import export
   phases = {'import_s': time.time() - t_import}
   t0 = time.time()
@@ -196,6 +197,7 @@ def _child_export_onnx(spec):
   t0 = time.time()
   export.write_artifact(source, spec['onnx_dir'], format='onnx')
   import importlib.metadata
+
   import jax
   return {'export_s': time.time() - t0, 'jax': jax.__version__,
           'jax2onnx': importlib.metadata.version('jax2onnx'),
@@ -242,7 +244,8 @@ def spawn(python: str, spec: dict, timeout: float | None = None) -> tuple[dict, 
   spawn)."""
   t_spawn = time.time()
   proc = subprocess.run([python, os.path.abspath(__file__), '--child', json.dumps(spec)],
-                        capture_output=True, text=True, env=_env(), timeout=timeout)
+                        capture_output=True, text=True, env=_env(), timeout=timeout,
+                        check=False)
   if proc.returncode:
     raise RuntimeError(f'{spec["kind"]} child for {spec.get("model")} failed (exit '
                        f'{proc.returncode}):\n{proc.stderr[-3000:]}')
@@ -254,7 +257,7 @@ def spawn(python: str, spec: dict, timeout: float | None = None) -> tuple[dict, 
 
 def host_facts() -> dict:
   try:
-    out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
     cpu = next((line.split(':', 1)[1].strip() for line in out.splitlines()
                 if line.startswith('Model name')), None)
   except OSError:
@@ -263,10 +266,11 @@ def host_facts() -> dict:
           'load_average': list(os.getloadavg())}
 
 
-def prepare(name: str, work: str, a, repos: dict) -> dict:
+def prepare(name: str, work: str, a, repos: dict, torch: bool = True) -> dict:
   """Converted weights, the jax.export artifact, the ONNX artifact and the torch state dict of
   ``name``, under ``work/name``; returns their paths and the preparation times."""
   import jax
+
   from refinenet_jax import create_model, export, testing
   from refinenet_jax.convert import orbax_io
   from refinenet_jax.data.builders.base import default_palette
@@ -301,7 +305,7 @@ def prepare(name: str, work: str, a, repos: dict) -> dict:
                    {'kind': 'export_onnx', 'model': name, **paths})
     info['onnx_export'] = rec
     info['onnx_mib'] = os.path.getsize(os.path.join(paths['onnx_dir'], 'model.onnx')) / 2**20
-  if 'torch' in runtimes:
+  if 'torch' in runtimes and torch:
     rec, _ = spawn(a.torch_python, {'kind': 'torch_state_dict', 'model': name, 'repos': repos,
                                     'threads': a.threads, **paths})
     info['torch_reference'] = rec['reference']
@@ -319,8 +323,10 @@ COLUMNS = ('model', 'runtime', 'median ms', 'min ms', 'max ms', 'cold start s',
 def table(records: list[dict], markdown: bool = True) -> str:
   rows = []
   for r in records:
-    if 'error' in r:
-      rows.append([r['model'], r['runtime'], 'failed', '', '', '', r['error'][:60], ''])
+    if 'error' in r or 'skipped' in r:
+      why = r.get('error') or r['skipped']
+      rows.append([r['model'], r['runtime'], 'failed' if 'error' in r else 'skipped', '', '',
+                   '', why.splitlines()[0][:60], ''])
       continue
     t, p = r['step_s'], r['phases']
     agree = r.get('agree_with_library')
@@ -369,7 +375,7 @@ def main(argv=None):
     print(RECORD + json.dumps(child(json.loads(a.child))), flush=True)
     return None
 
-  from refinenet_jax import list_models  # noqa: PLC0415
+  from refinenet_jax import list_models
   models = _csv(a.models)
   unknown = sorted(set(models) - set(list_models()))
   if unknown:
@@ -379,19 +385,24 @@ def main(argv=None):
     p.error(f'unknown runtime(s) {bad}; valid: {RUNTIMES}')
   repos = {k: getattr(a, k) for k in ('refinenet_pytorch', 'light_weight_refinenet',
                                       'pytorch_fcn') if getattr(a, k)}
+  no_torch = {}  # model -> why it has no PyTorch reference
   if 'torch' in a.runtimes:
     if not a.torch_python:
       p.error('the torch runtime needs --torch_python')
     tr = _torch_reference()
     for name in models:
-      repo_key, _ = tr.resolve(name)
+      try:
+        repo_key, _ = tr.resolve(name)
+      except KeyError as e:  # NoReference too: the other runtimes still run
+        no_torch[name] = e.args[0]
+        continue
       if repo_key and not os.path.isdir(repos.get(repo_key, '')):
         p.error(f'{name}: needs --{repo_key}=<checkout of {tr.REPOS[repo_key]}>')
 
-  import jax  # noqa: PLC0415
+  import jax
   facts = {**host_facts(), 'parent_python': sys.executable, 'parent_jax': jax.__version__,
            'threads': a.threads, 'size': [a.size, a.size], 'batch': a.batch,
-           'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+           'time': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}
   print(f'# CPU: {facts["cpu_model"]} ({facts["cpu_count"]} cores), load average before '
         f'{facts["load_average"]}', flush=True)
   work = a.workdir or tempfile.mkdtemp(prefix='serve_bench_')
@@ -410,10 +421,14 @@ def main(argv=None):
   try:
     for name in models:
       print(f'# {name}: preparing artifacts', flush=True)
-      prep = prepare(name, work, a, repos)
+      prep = prepare(name, work, a, repos, torch=name not in no_torch)
       print(f'# {name}: {json.dumps(prep["info"])}', flush=True)
       labels = {}
       for runtime in a.runtimes:
+        if runtime == 'torch' and name in no_torch:
+          print(f'# {name} torch: skipped: {no_torch[name]}', flush=True)
+          records.append({'model': name, 'runtime': runtime, 'skipped': no_torch[name]})
+          continue
         spec = {'kind': runtime, 'model': name, 'images': images_path, 'threads': a.threads,
                 'warmup': a.warmup, 'runs': a.runs, 'repos': repos,
                 'channels_last': bool(a.torch_channels_last),
