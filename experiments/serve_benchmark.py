@@ -195,7 +195,7 @@ def _child_export_onnx(spec):
   from refinenet_jax import export
   source = export.from_converted(spec['converted'])  # the library's weights
   t0 = time.time()
-  export.write_artifact(source, spec['onnx_dir'], format='onnx')
+  export.write_artifact(source, spec['onnx_dir'], format='onnx', overwrite=True)
   import importlib.metadata
 
   import jax
