@@ -1,7 +1,7 @@
 """Serving latency and cold start, side by side: the library, its jax.export and ONNX artifacts,
 and PyTorch eager of the published code.
 
-  PYTHONPATH=. /work/vonnx/bin/python experiments/serve_benchmark.py \\
+  PYTHONPATH=. .venv-onnx/bin/python experiments/serve_benchmark.py \\
       --models=fcn8s,lw_refinenet_r50,refinenet_r101 --size=512 --batch=1 \\
       --torch_python=/path/to/torch/venv/bin/python --refinenet_pytorch=CHECKOUT \\
       --light_weight_refinenet=CHECKOUT --pytorch_fcn=CHECKOUT [--runs=5 --warmup=1] \\
