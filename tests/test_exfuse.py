@@ -357,7 +357,7 @@ def test_ladder_trains_a_few_steps_and_logs_weighted_aux_losses(name, kw):
         rng=jax.random.key_data(jax.random.key(1)))
 
   if compiled:
-    state0 = state = make_state(random_variables(model))
+    state0 = state = make_state(_init(model, jnp.zeros((1, 32, 32, 3))))
   else:
     state = jax.eval_shape(lambda: make_state(model.init(jax.random.key(0, impl='rbg'),
                                                          jnp.zeros((1, 32, 32, 3)))))
