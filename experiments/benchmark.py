@@ -145,7 +145,7 @@ def make_step(s, mode: str, parallel: str):
   batch_sh, repl = sharding.batch_sharding(s.mesh), sharding.replicated(s.mesh)
 
   def forward(state, images):
-    return steps.logits_fn(state, s.model)(images)
+    return steps.logits_fn(steps.variables_of(state), s.model)(images)
   if parallel == 'shard_map':
     forward = per_device.per_device_forward(forward, s.mesh)
   return jax.jit(forward, in_shardings=(repl, batch_sh), out_shardings=batch_sh)

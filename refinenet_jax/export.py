@@ -31,13 +31,12 @@ import numpy as np
 
 import refinenet_jax
 from refinenet_jax import inference, serving, steps
-from refinenet_jax.models.preprocessing import normalize_images
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 PROBS_DTYPES = ('float32', 'bfloat16')
-FILE = 'model.jax_exported'
-ONNX_FILE = 'model.onnx'
-FORMATS = ('jax', 'onnx')
+FILES = {'jax': 'model.jax_exported', 'onnx': 'model.onnx'}  # format -> the program's file
+FILE = FILES['jax']
+FORMATS = tuple(FILES)
 FORMAT_VERSION = 1
 load = serving.load
 
@@ -62,13 +61,9 @@ def serving_function(model, variables, *, scales: Sequence[float] = (1.0,), flip
   if probs_dtype not in PROBS_DTYPES:
     raise ValueError(f'probs_dtype must be one of {PROBS_DTYPES}, got {probs_dtype!r}')
 
-  def logits(images):
-    outputs = model.apply(variables, normalize_images(images, model.normalization), train=False)
-    return steps.split_outputs(outputs)[0].astype(jnp.float32)
-
   def serve(images):
-    probs = inference.predict_probs(logits, images.astype(jnp.float32), scales=tuple(scales),
-                                    flip=flip)
+    probs = inference.predict_probs(steps.logits_fn(variables, model),
+                                    images.astype(jnp.float32), scales=tuple(scales), flip=flip)
     return {'labels': jnp.argmax(probs, axis=-1).astype(jnp.int32),
             'probs': probs.astype(probs_dtype)}
   return serve
@@ -101,7 +96,7 @@ def manifest_for(source: Source, data: bytes, *, scales, flip, probs_dtype, plat
   return {
       'format_version': FORMAT_VERSION,
       'format': format,
-      'file': FILE if format == 'jax' else ONNX_FILE,
+      'file': FILES[format],
       'sha256': hashlib.sha256(data).hexdigest(),
       'model': source.name,
       'source': source.origin,
@@ -147,7 +142,7 @@ def write_artifact(source: Source, output: str, *, scales=(1.0,), flip=False,
     else:
       from refinenet_jax import export_onnx
       platforms = ('onnxruntime',)
-      with open(export_onnx.to_onnx(fn, len(source.class_names), os.path.join(tmp, ONNX_FILE)),
+      with open(export_onnx.to_onnx(fn, len(source.class_names), os.path.join(tmp, FILES['onnx'])),
                 'rb') as f:
         data = f.read()
   except BaseException:

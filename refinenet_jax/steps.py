@@ -58,11 +58,15 @@ def train_step(state: TrainState, batch: dict, *, model,
   return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
 
 
-def logits_fn(state: TrainState, model):
-  """0..255 RGB images -> logits, eval mode (what the inference helpers call)."""
+def variables_of(state: TrainState) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def logits_fn(variables: dict, model):
+  """0..255 RGB images -> logits, eval mode (what the inference helpers and the exported
+  serving function call)."""
   def fn(images):
-    outputs = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                          normalize_images(images, model.normalization), train=False)
+    outputs = model.apply(variables, normalize_images(images, model.normalization), train=False)
     return split_outputs(outputs)[0].astype(jnp.float32)
   return fn
 
@@ -71,7 +75,7 @@ def predict_step(state: TrainState, batch: dict, *, model, **inference_kwargs):
   """Class ids at the input resolution; ``inference_kwargs`` go to ``inference.predict_labels``
   (scales, flip, window, stride, pad_value, resize_mode)."""
   return inference.predict_labels(
-      logits_fn(state, model), batch['image'].astype(jnp.float32),
+      logits_fn(variables_of(state), model), batch['image'].astype(jnp.float32),
       out_size=batch['image'].shape[1:3], **inference_kwargs)
 
 

@@ -6,10 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -66,8 +64,7 @@ def _source(name):
 
 def _library(source, x, scales, flip):
   """The library's own evaluation path (steps.logits_fn + inference.predict_probs)."""
-  state = types.SimpleNamespace(**source.variables)  # what logits_fn reads of a TrainState
-  fn = jax.jit(lambda x: inference.predict_probs(steps.logits_fn(state, source.model), x,
+  fn = jax.jit(lambda x: inference.predict_probs(steps.logits_fn(source.variables, source.model), x,
                                                  scales=scales, flip=flip))
   return np.asarray(fn(x.astype(np.float32)))
 
