@@ -57,6 +57,7 @@ def _count_train_steps(monkeypatch):
   return ran
 
 
+@pytest.mark.slow
 def test_disk_full_in_a_background_save_stops_training_at_the_next_step(tmp_path, monkeypatch,
                                                                        capfd):
   # the state item's background commit of step 4 fails as a full disk does, in orbax's own
@@ -167,6 +168,7 @@ def _corrupt(step_dir, how):
   return 'data'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how, reason', [
     ('truncated_array_file', r'step 4 in .* cannot be restored: \S'),
     ('deleted_METADATA', r'step 4 in .* cannot be restored: state/_METADATA'),
@@ -190,6 +192,7 @@ def test_corrupt_latest_checkpoint_resumes_from_the_older_one(trained, tmp_path,
   assert _steps(workdir) == [4, 6]
 
 
+@pytest.mark.slow
 def test_no_restorable_checkpoint_is_a_clear_error_and_a_mismatch_is_never_skipped(
     trained, tmp_path):
   workdir = _copy(trained, tmp_path)

@@ -17,6 +17,7 @@ from configs import exfuse_ladder
 from configs.default import get_config as default_config
 from refinenet_jax import config_rules, list_models, optim, train
 from refinenet_jax.data import datasets
+from refinenet_jax.models import aux_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
@@ -57,9 +58,11 @@ def test_config_resolves(name, arg):
   model = train.build_model(config)
   crop = tuple(config.crop_size) or (config.image_size,) * 2
   x = jnp.zeros((1, *crop, 3))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-  logits = jax.eval_shape(lambda v: model.apply(v, x), shapes)
+  logits, _ = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x))  # one trace
   assert logits.shape[-1] == config.num_classes
+  if name == 'exfuse_ladder':  # every rung trains with its aux losses and predicts at full size
+    assert len(config.aux_weights) == len(aux_names(model))
+    assert logits.shape == (1, *config.crop_size, config.num_classes)
 
 
 @pytest.mark.parametrize('key,value', [

@@ -30,7 +30,8 @@ CASES = [('refinenet_tiny', (1.0,), False, 'float32'),
 
 def _readme_loader() -> str:
   """The README's loader lines (Deploy section), reading the folder given on the command line."""
-  text = open(os.path.join(ROOT, 'README.md')).read()
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    text = f.read()
   start = text.index('```python\nimport hashlib, json, jax\n') + len('```python\n')
   snippet = text[start:text.index('```', start)]
   assert "folder = 'exported/refinenet'\n" in snippet

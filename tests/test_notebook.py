@@ -4,8 +4,8 @@ import json
 import os
 import pathlib
 
-import jax
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = pathlib.Path(__file__).parent.parent / 'experiments' / 'refinenet_jax_colab.ipynb'
@@ -20,6 +20,7 @@ BENCH_REPEATS = 1
 """
 
 
+@pytest.mark.slow
 def test_notebook_runs_every_cell(monkeypatch):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nbformat.validate(nb)

@@ -116,6 +116,7 @@ def test_create_train_state_lands_in_the_abstract_shardings():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), plain)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_restores_replicated_on_another_device_count(tmp_path, capsys):
   from configs.tiny import get_config
   from refinenet_jax import train

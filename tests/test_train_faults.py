@@ -89,6 +89,7 @@ def trained(tmp_path_factory, data_dir):
   return out
 
 
+@pytest.mark.slow
 def test_final_step_is_saved_before_the_final_evaluation(trained):
   assert trained['crash_train_calls'] == 12
   assert trained['crash_steps'][-1] == 12  # on disk although its evaluation raised
@@ -98,6 +99,7 @@ def test_final_step_is_saved_before_the_final_evaluation(trained):
   assert trained['resumed']['val']['miou'] == RESUMED_SCORE
 
 
+@pytest.mark.slow
 def test_best_step_is_the_best_scored_and_kept(trained):
   workdir, c = trained['workdir'], trained['config']
   scores = checkpoint.read_scores(os.path.join(workdir, 'checkpoints'))
@@ -137,6 +139,7 @@ def test_eval_image_larger_than_eval_size_stops_before_training(tmp_path, data_d
   assert _steps(tmp_path / 'w') == []
 
 
+@pytest.mark.slow
 def test_default_bucket_over_the_memory_bound_uses_the_sliding_window(trained, monkeypatch,
                                                                     capsys):
   c = trained['config'].copy_and_resolve_references()
@@ -164,6 +167,7 @@ def _image_folder(path, n=3):
   return path
 
 
+@pytest.mark.slow
 def test_predict_reports_bad_images_and_never_overwrites(trained, tmp_path, monkeypatch,
                                                          capsys):
   c, workdir = trained['config'], trained['workdir']

@@ -122,6 +122,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
   _assert_trees_equal(_saved_state(tmp_path / 'a', 12), _saved_state(tmp_path / 'b', 12))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   p = _main(tmp_path / 'w', tmp_path / 'data', '--config.num_steps=100000',
             '--config.checkpoint_every=0', '--config.log_every=1', '--config.warmup_steps=0')
@@ -139,6 +140,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert len(saved) == 1 and 3 <= saved[0] < 100000
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   c = get_config()
   c.data_dir, c.tensorboard = str(tmp_path / 'data'), False
