@@ -29,6 +29,7 @@ setup(
         'opencv-python-headless>=4.8',
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
         'flatbuffers>=24.3',  # jax.export's serialization (export.py, serving.py)
+        'tqdm>=4.66',  # the progress bar on a terminal (console.py)
     ],
     extras_require={
         # nbclient/nbformat/ipykernel execute the Colab notebook in a test; matplotlib draws

@@ -30,7 +30,7 @@ from absl import logging
 import numpy as np
 
 import refinenet_jax
-from refinenet_jax import inference, serving, steps
+from refinenet_jax import console, inference, serving, steps
 
 PLATFORMS = ('cpu', 'cuda', 'tpu')
 PROBS_DTYPES = ('float32', 'bfloat16')
@@ -245,4 +245,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  console.quiet_libraries()  # orbax's INFO lines
   sys.exit(main())

@@ -16,7 +16,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from refinenet_jax import config_flag, train
+from refinenet_jax import config_flag, console, train
 
 _CONFIG = config_flag.define('config', 'experiment config file')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs')
@@ -39,6 +39,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'index of this process')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  console.quiet_libraries()
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
@@ -53,8 +54,6 @@ def main(argv):
   config = _CONFIG.value
   if config is None:
     raise app.UsageError(f'--config is required ({config_flag.DEFAULT_CONFIG} does not exist)')
-  if jax.process_index() == 0:
-    print(config)
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   elif _MODE.value == 'eval':

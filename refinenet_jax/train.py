@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from refinenet_jax import (checkpoint, config_rules, inference, losses, metrics, optim, serving,
-                           sharding, steps, tree_check, writers)
+from refinenet_jax import (checkpoint, config_rules, console, inference, losses, metrics, optim,
+                           serving, sharding, steps, tree_check, writers)
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax import models
@@ -291,8 +291,31 @@ def initial_state(config, run, train_iter=None):
   return state
 
 
+def write_config(config, workdir: str) -> str:
+  """The run's config as ``workdir/config.json`` (the console stays short). A different config
+  from an earlier start of the same workdir is kept as ``config-<n>.json``, never overwritten."""
+  path = os.path.join(workdir, 'config.json')
+  if jax.process_index() != 0:
+    return path
+  text = config.to_json_best_effort(indent=2, sort_keys=True) + '\n'
+  if os.path.exists(path):
+    with open(path) as f:
+      if f.read() == text:
+        return path
+    n = 1
+    while os.path.exists(os.path.join(workdir, f'config-{n}.json')):
+      n += 1
+    os.replace(path, os.path.join(workdir, f'config-{n}.json'))
+    print(f'the config differs from this workdir\'s earlier one, kept as config-{n}.json')
+  with open(path + '.tmp', 'w') as f:
+    f.write(text)
+  os.replace(path + '.tmp', path)
+  return path
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   run = setup(config, workdir)
+  print(f'config: {write_config(config, workdir)}', flush=True)
   mesh, model, info, ckpts = run.mesh, run.model, run.info, run.ckpts
   train_iter = iter(run.train_ds)
   state = initial_state(config, run, train_iter)
@@ -314,6 +337,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   lr_fn = optim.learning_rate_fn(config)
   writer = writers.MetricWriter(workdir, tensorboard=config.tensorboard)
   total = config.num_steps * config.grad_accum_steps  # micro-steps
+  progress = console.Progress(total, start)
 
   def evaluate_now(step):
     """Scores of the step just saved (``record_score`` ranks it once the evaluation is done)."""
@@ -329,8 +353,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.images(step, {f'eval/sample{i}': writers.prediction_panel(
         batch['image'][i], batch['label'][i], preds[i], info.palette, info.ignore_label)
         for i in range(min(3, len(preds)))})
-    print(f'step {step}: val mIoU {result["miou"]:.4f}  pixel acc {result["pixel_acc"]:.4f}',
-          flush=True)
+    progress.write(f'step {step}: val mIoU {result["miou"]:.4f}  '
+                   f'pixel acc {result["pixel_acc"]:.4f}')
     return result
 
   def check_finite(step, m):
@@ -346,7 +370,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   history, result = [], None
   t_last, step_last, t0 = time.time(), start, time.time()
-  with _Preemption() as preemption:
+  with _Preemption() as preemption, progress:
     for step in range(start + 1, total + 1):
       ckpts.check()  # a failed background save stops training here
       state, m = step_fn(state, sharding.put_batch(next(train_iter), mesh))
@@ -367,8 +391,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               'train/grad_norm': m['grad_norm'], 'perf/img_per_sec': rate,
                               **loss_parts(m, model)})
         history.append({'step': step, 'loss': float(m['loss'])})
-        print(f'step {step}/{total}  loss {float(m["loss"]):.4f}  lr {lr:.2e}  '
-              f'{rate:.1f} img/s  ETA {eta / 60:.1f} min', flush=True)
+        progress.write(f'step {step}/{total}  loss {float(m["loss"]):.4f}  lr {lr:.2e}  '
+                       f'{rate:.1f} img/s  ETA {eta / 60:.1f} min')
+      progress.update()
       if save_now or eval_now:  # saved before it is evaluated: a failing evaluation loses nothing
         ckpts.save(step, state, train_iter)
       if eval_now:
@@ -380,7 +405,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not (save_now or eval_now):
           ckpts.save(step, state, train_iter)
         ckpts.wait()
-        print(f'SIGTERM: saved step {step} to {ckpts.directory}; exiting', flush=True)
+        progress.write(f'SIGTERM: saved step {step} to {ckpts.directory}; exiting')
         writer.close()
         return {'preempted': True, 'step': step}
   train_time = time.time() - t0

@@ -3,7 +3,9 @@ and bad workdirs/checkpoints are refused before anything is trained or loaded.""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,6 +138,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   rc, out = _finish(p, 'the stopped run')
   assert rc == 0, out[-3000:]
   assert 'SIGTERM: saved step' in out
+  # a quiet console: no library log line (absl's 'I1203 12:00:00.000 ...' format), no config
+  # dump; the config is in the workdir instead
+  out = b''.join(seen).decode() + out
+  assert not re.search(r'^[IWE]\d{4} ', out, re.M), out[:3000]
+  assert 'learning_rate' not in out and 'config: ' in out, out[:3000]
+  assert json.loads((tmp_path / 'w' / 'config.json').read_text())['num_steps'] == 100000
   saved = _steps(tmp_path / 'w')
   assert len(saved) == 1 and 3 <= saved[0] < 100000
 

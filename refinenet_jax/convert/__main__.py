@@ -14,6 +14,7 @@ import sys
 
 import jax
 
+from refinenet_jax import console
 from refinenet_jax.convert import LAYOUTS, import_state_dict
 from refinenet_jax.convert.orbax_io import check_new_output, save_converted
 from refinenet_jax.models import create_model, list_models
@@ -47,4 +48,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  console.quiet_libraries()  # orbax's INFO lines
   sys.exit(main())

@@ -6,6 +6,7 @@ points. ``prepare`` never touches the network: GCS lookup is off and the real da
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -14,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from PIL import Image
 
 from refinenet_jax.data.builders import (ade20k, base, camvid, cityscapes, folder, nyudv2_40,
@@ -95,7 +97,14 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   download_config = tfds.download.DownloadConfig(
       manual_dir=os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else None,
       try_download_gcs=False)
-  builder.download_and_prepare(download_config=download_config)
+  if builder.is_prepared():
+    return builder
+  if absl_logging.get_verbosity() < absl_logging.INFO:  # quiet (console.py): one line, not tfds'
+    print(f'{name}: writing {builder.data_path} (once)', flush=True)
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(download_config=download_config)
+  else:
+    builder.download_and_prepare(download_config=download_config)
   return builder
 
 
