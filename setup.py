@@ -30,11 +30,12 @@ setup(
         'tensorboardX>=2.6',  # TensorBoard event files without TensorFlow
         'flatbuffers>=24.3',  # jax.export's serialization (export.py, serving.py)
         'tqdm>=4.66',  # the progress bar on a terminal (console.py)
+        'matplotlib>=3.8',  # confusion matrix, per-class IoU and curves pictures (plots.py)
     ],
     extras_require={
-        # nbclient/nbformat/ipykernel execute the Colab notebook in a test; matplotlib draws
+        # nbclient/nbformat/ipykernel execute the Colab notebook in a test
         'test': ['pytest>=8', 'pytest-xdist>=3.5', 'nbclient>=0.10', 'nbformat>=5.10',
-                 'ipykernel>=6.29', 'matplotlib>=3.8'],
+                 'ipykernel>=6.29'],
         # libtpu, paired with the installed jax: compiles for TPU topologies on any host (dry run)
         'tpu': ['jax[tpu]'],
         # Only for regenerating parity fixtures / side-by-side benchmarks; never needed to run.

@@ -20,11 +20,12 @@ def confusion_matrix(preds, labels, num_classes: int, valid=None, ignore_label: 
 
 
 def scores(cm) -> dict:
-  """mIoU, per-class IoU, pixel and mean accuracy, frequency-weighted IoU.
+  """mIoU, per-class IoU, pixel and mean accuracy, frequency-weighted IoU, and the counts.
 
   Classes absent from both ground truth and prediction have undefined IoU and are left out of
   the means (reported as NaN per class).
   """
+  counts = np.asarray(cm).astype(np.int64).tolist()
   cm = np.asarray(cm, np.float64)
   tp = np.diag(cm)
   gt, pred = cm.sum(1), cm.sum(0)
@@ -39,4 +40,5 @@ def scores(cm) -> dict:
       'pixel_acc': float(tp.sum() / total) if total else float('nan'),
       'mean_acc': float(np.nanmean(acc)) if np.any(gt > 0) else float('nan'),
       'fw_iou': float(np.nansum(gt / total * iou)) if total else float('nan'),
+      'confusion': counts,  # rows: ground truth, columns: predicted
   }

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from refinenet_jax import (checkpoint, config_rules, console, inference, losses, metrics, optim,
-                           serving, sharding, steps, tree_check, writers)
+                           plots, serving, sharding, steps, tree_check, writers)
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax import models
@@ -247,6 +247,12 @@ def make_eval_fn(config, run: Run):
   return lambda state: run_evaluation(state, step, run.eval_ds, run.mesh, run.info.num_classes)
 
 
+def _evaluation_pictures(config, info, workdir: str, step: int, result: dict, prefix: str = ''):
+  """``WORKDIR/eval/{prefix}step{N}_``: confusion.json, confusion.png, iou.png."""
+  return plots.write_evaluation(os.path.join(workdir, 'eval'), f'{prefix}step{step}_', result,
+                                info.class_names, f'{info.name} {config.eval_split}, step {step}')
+
+
 def print_scores(info, result: dict) -> None:
   for name, iou in zip(info.class_names, result['per_class_iou']):
     print(f'  IoU {name:<12s} {iou:.4f}')
@@ -353,6 +359,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.images(step, {f'eval/sample{i}': writers.prediction_panel(
         batch['image'][i], batch['label'][i], preds[i], info.palette, info.ignore_label)
         for i in range(min(3, len(preds)))})
+    if jax.process_index() == 0:
+      pictures = _evaluation_pictures(config, info, workdir, step, result)
+      writer.images(step, {f'eval/{k}': v for k, v in pictures.items()})
     progress.write(f'step {step}: val mIoU {result["miou"]:.4f}  '
                    f'pixel acc {result["pixel_acc"]:.4f}')
     return result
@@ -416,6 +425,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpts.wait()
   writer.flush()
   print_scores(info, result)
+  if jax.process_index() == 0:
+    curves = plots.write_curves(workdir)
+    print(f'pictures: {curves}, {workdir}/eval/step{total}_{{confusion,iou}}.png', flush=True)
   print(f'val mIoU: {result["miou"]:.4f}  (train {train_time:.0f} s)', flush=True)
   out = {'val': result, 'train_loss': history, 'train_seconds': train_time, 'step': total}
   if jax.process_index() == 0:
@@ -451,6 +463,9 @@ def evaluate(config, workdir: str, checkpoint: str = 'best') -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, f'eval_{config.eval_split}_step{step}.json'), 'w') as f:
       json.dump({'step': step, **result}, f, indent=2)
+    _evaluation_pictures(config, info, workdir, step, result, prefix=f'{config.eval_split}_')
+    print(f'pictures: {workdir}/eval/{config.eval_split}_step{step}_{{confusion,iou}}.png',
+          flush=True)
   run.ckpts.close()
   return result
 

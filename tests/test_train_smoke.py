@@ -60,11 +60,20 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   assert {'train/loss', 'train/lr', 'perf/img_per_sec'} <= log[0].keys()
   assert [r['step'] for r in log if 'eval/miou' in r] == [8, 12]
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  # pictures of every evaluation (the counts are the final scores' confusion matrix) and curves
+  for step in (8, 12):
+    assert {f'step{step}_{f}' for f in ('confusion.json', 'confusion.png', 'iou.png')} <= {
+        p.name for p in (workdir / 'eval').iterdir()}
+  cm = json.loads((workdir / 'eval' / 'step12_confusion.json').read_text())
+  assert cm['counts'] == out['val']['confusion'] and cm['class_names'][0] == 'background'
+  assert Image.open(workdir / 'curves.png').size[0] > 600
   # eval mode on the saved checkpoint reproduces the training run's final number, also when the
   # 8-device checkpoint is restored onto 2 devices
   c.mesh = (('data', 2),)
   again = train.evaluate(c, str(workdir), checkpoint='latest')
   assert again['miou'] == pytest.approx(out['val']['miou'], abs=1e-9)
+  assert json.loads((workdir / 'eval' / 'val_step12_confusion.json').read_text())['counts'] == (
+      again['confusion'])
   c.eval_scales, c.eval_flip = (0.75, 1.0, 1.25), True  # multi-scale + flip path runs
   assert 0.0 <= train.evaluate(c, str(workdir), checkpoint='latest')['miou'] <= 1.0
   # a new run started from this one (init_checkpoint = its workdir) gets the best step's
