@@ -49,6 +49,8 @@ def get_config():
   c.encoder_lr_mult = 1.0  # 0.1 in the official recipe (pretrained encoder)
   c.grad_clip_norm = 0.0  # 0 = off
   c.grad_accum_steps = 1
+  c.ema_decay = 0.0  # > 0 (e.g. 0.999): evaluate and export a moving average of the params
+  c.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
   # loss
   c.loss = 'cross_entropy'  # a losses.LOSSES name
   c.loss_mode = 'quarter'  # 'quarter' (official: labels at 1/4) or 'upsample' (PyTorch ports)

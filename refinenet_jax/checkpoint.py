@@ -315,7 +315,8 @@ class Checkpoints:
 
 def read_variables(directory: str, sharding, which: str = 'best') -> tuple[dict, dict]:
   """(meta, {'params', 'batch_stats'}) of a finished run's best step (else, or with
-  ``which='latest'``, its latest); ``meta['step']`` is the step read.
+  ``which='latest'``, its latest); ``meta['step']`` is the step read. The params are the
+  moving average when the run kept one (``meta['ema']``), as its evaluations used.
 
   What ``init_checkpoint=<workdir>`` starts a new run from (fine-tuning, staged FCN training);
   the optimizer state, step and data position stay behind. ``sharding`` places every array
@@ -340,5 +341,8 @@ def read_variables(directory: str, sharding, which: str = 'best') -> tuple[dict,
         meta=ocp.args.JsonRestore(), state=ocp.args.StandardRestore(target)))
   finally:
     manager.close()
-  return {**out['meta'], 'step': int(step)}, {k: out['state'][k] for k in ('params', 'batch_stats')}
+  state = out['state']
+  ema = state.get('ema_params')  # the weights the run evaluated: its moving average, if kept
+  return {**out['meta'], 'step': int(step), 'ema': bool(ema)}, {
+      'params': ema or state['params'], 'batch_stats': state['batch_stats']}
 

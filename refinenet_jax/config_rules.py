@@ -62,6 +62,8 @@ def errors(config) -> list[str]:
       bad(k, f'one of {", ".join(map(repr, allowed))}')
   if has('momentum') and not (_is_number(config.momentum) and 0 <= config.momentum < 1):
     bad('momentum', 'must be in [0, 1)')
+  if has('ema_decay') and not (_is_number(config.ema_decay) and 0 <= config.ema_decay < 1):
+    bad('ema_decay', 'must be in [0, 1) (0 = off)')
   if has('mesh') and mesh_problem(config.mesh):
     bad('mesh', mesh_problem(config.mesh))
   if has('sharding_rules') and config.sharding_rules not in RULE_SETS:

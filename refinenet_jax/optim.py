@@ -4,6 +4,7 @@ learning-rate multiplier, kernel-only weight decay, global-norm clipping, gradie
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from refinenet_jax.models import ENCODER_PREFIX
@@ -81,3 +82,25 @@ def make_optimizer(config) -> optax.GradientTransformation:
     # concatenated batch for a mean loss and a model without batch statistics.
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
   return tx
+
+
+def ema_from_config(config):
+  """``(ema, params, step) -> ema`` for ``config.ema_decay`` > 0, else None.
+
+  Applied once per optimizer update (every ``grad_accum_steps`` micro-steps, when the params
+  change): ``ema = d * ema + (1 - d) * params`` with ``d = ema_decay``, or with
+  ``ema_warmup`` ``d = min(ema_decay, (1 + n) / (10 + n))`` after n updates, so that the
+  average does not lean on the random initial weights for the first ~1/(1 - decay) updates.
+  """
+  decay = float(config.ema_decay)
+  if not decay:
+    return None
+  k, warmup = int(config.grad_accum_steps), bool(config.ema_warmup)
+
+  def update(ema, params, step):
+    n = step // k  # optimizer updates so far, this one included
+    d = jnp.minimum(decay, (1.0 + n) / (10.0 + n)) if warmup else jnp.float32(decay)
+    d = d.astype(jnp.float32)
+    new = jax.tree.map(lambda e, p: (d * e + (1 - d) * p).astype(e.dtype), ema, params)
+    return jax.tree.map(lambda a, b: jnp.where(step % k == 0, a, b), new, ema)
+  return update

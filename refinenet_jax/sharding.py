@@ -113,7 +113,7 @@ def put_batch(local_batch: dict, mesh) -> dict:
 # over it, as big_vision's fsdp; replicated when none divides) or a PartitionSpec tuple.
 RULE_SETS = {
     'replicated': (),
-    'fsdp': ((r'^(params|opt_state)/', 'fsdp'),),
+    'fsdp': ((r'^(params|ema_params|opt_state)/', 'fsdp'),),
 }
 
 
@@ -154,12 +154,14 @@ def state_shardings(abstract_state, mesh, rules='replicated'):
   return jax.tree_util.tree_map_with_path(place, abstract_state)
 
 
-def train_state_initializer(rng, *, model, tx, input_shape, mesh, rules='replicated'):
+def train_state_initializer(rng, *, model, tx, input_shape, mesh, rules='replicated',
+                            ema: bool = False):
   """(``init(key) -> TrainState``, the state's abstract form): the jitted program that
   initialises a state straight into the shardings ``rules`` give it, for keys of ``rng``'s kind,
   and its ShapeDtypeStructs carrying those shardings (what orbax restores onto and ahead-of-time
   compilation takes). A caller that makes many fresh states keeps ``init``: it compiles once."""
-  init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape)
+  init = functools.partial(steps.init_train_state, model=model, tx=tx, input_shape=input_shape,
+                           ema=ema)
   abstract = jax.eval_shape(init, rng)
   abstract = with_shardings(abstract, state_shardings(abstract, mesh, rules))
   return jax.jit(init, out_shardings=shardings_of(abstract)), abstract

@@ -19,14 +19,19 @@ from refinenet_jax.models.preprocessing import normalize_images
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array  # raw uint32 key data: checkpoints as a plain array on every orbax version
+  # the moving average of params that evaluation and export use (config.ema_decay > 0); None
+  # (no leaves: checkpoints of runs without it are unchanged) otherwise
+  ema_params: Any = None
 
 
-def init_train_state(rng, *, model, tx, input_shape) -> TrainState:
+def init_train_state(rng, *, model, tx, input_shape, ema: bool = False) -> TrainState:
   """A fresh, unsharded train state (``sharding.create_train_state`` places it on a mesh)."""
   variables = model.init(rng, jnp.zeros(input_shape, jnp.float32))
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
+  params = variables['params']
+  return TrainState.create(apply_fn=model.apply, params=params,
                            batch_stats=variables.get('batch_stats', {}), tx=tx,
-                           rng=jax.random.key_data(jax.random.fold_in(rng, 1)))
+                           rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+                           ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
 
 def split_outputs(outputs):
@@ -37,10 +42,12 @@ def split_outputs(outputs):
 
 
 def train_step(state: TrainState, batch: dict, *, model,
-               loss_fn: Callable = losses.segmentation_loss):
+               loss_fn: Callable = losses.segmentation_loss, ema_fn: Callable | None = None):
   """One optimizer (micro-)step on uint8 images; returns (state, metrics of this batch).
 
   ``loss_fn(logits, labels, aux_logits=...) -> (loss, parts)``: ``losses.from_config``'s.
+  ``ema_fn(ema, params, step) -> ema``: ``optim.ema_from_config``'s, for a state with
+  ``ema_params``.
   """
   rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   images = normalize_images(batch['image'], model.normalization)
@@ -55,11 +62,16 @@ def train_step(state: TrainState, batch: dict, *, model,
 
   (loss, (updates, parts)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  if state.ema_params is not None:
+    new_state = new_state.replace(
+        ema_params=ema_fn(state.ema_params, new_state.params, new_state.step))
   return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **parts}
 
 
 def variables_of(state: TrainState) -> dict:
-  return {'params': state.params, 'batch_stats': state.batch_stats}
+  """What inference uses: the moving average of the parameters when the state keeps one."""
+  params = state.params if state.ema_params is None else state.ema_params
+  return {'params': params, 'batch_stats': state.batch_stats}
 
 
 def logits_fn(variables: dict, model):

@@ -199,7 +199,8 @@ def setup(config, workdir: str, splits=('train', 'eval')) -> Run:
       config, model.normalization, splits)
   init, abstract = sharding.train_state_initializer(
       jax.random.key(config.seed), model=model, tx=optim.make_optimizer(config),
-      input_shape=(1, *crop, 3), mesh=mesh, rules=config.sharding_rules)
+      input_shape=(1, *crop, 3), mesh=mesh, rules=config.sharding_rules,
+      ema=bool(config.ema_decay))
   window = eval_window(config, eval_size, crop, mesh.size) if eval_ds is not None else None
   ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
                                  keep=config.keep_checkpoints,
@@ -226,7 +227,8 @@ def loss_parts(metrics: dict, model) -> dict:
 def make_train_step(config, model, mesh, state_sh, ignore_label: int = 255):
   """The jitted, donating, sharded train step the trainer runs (benchmarks time this one)."""
   step = functools.partial(steps.train_step, model=model,
-                           loss_fn=losses.from_config(config, ignore_label))
+                           loss_fn=losses.from_config(config, ignore_label),
+                           ema_fn=optim.ema_from_config(config))
   return jax.jit(step, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -293,6 +295,8 @@ def initial_state(config, run, train_iter=None):
     sh = run.state_sh
     state = state.replace(**jax.device_put(
         variables, {'params': sh.params, 'batch_stats': sh.batch_stats}))
+    if state.ema_params is not None:  # the average starts from the loaded weights
+      state = state.replace(ema_params=jax.tree.map(jnp.copy, state.params))  # own buffers
     print(f'initialised from {config.init_checkpoint}', flush=True)
   return state
 

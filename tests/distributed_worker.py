@@ -36,10 +36,11 @@ def run_steps(mesh, process_id: int = 0, num_processes: int = 1, rules: str = 'r
   c.model_overrides.head_dropout = 0.5  # exercise the dropout rng too
   c.num_steps, c.warmup_steps = 10, 2
   c.sharding_rules = rules
+  c.ema_decay = 0.5  # the moving average is state too (laid out by the rules, like params)
   model = train.build_model(c)
   state = sharding.create_train_state(jax.random.key(0), model=model,
                                       tx=optim.make_optimizer(c), input_shape=(1, 32, 32, 3),
-                                      mesh=mesh, rules=c.sharding_rules)
+                                      mesh=mesh, rules=c.sharding_rules, ema=True)
   step = train.make_train_step(c, model, mesh, sharding.shardings_of(state))
   images, labels = synthetic.make_synthetic_scenes(GLOBAL_BATCH * STEPS, (32, 32), seed=1)
   rows = GLOBAL_BATCH // num_processes

@@ -69,7 +69,7 @@ def test_config_resolves(name, arg):
     ('batch_size', 0), ('batch_size', -4), ('eval_batch_size', 0), ('num_steps', 0),
     ('crop_size', (0, 64)), ('crop_size', (-32, 32)), ('crop_size', (64,)), ('eval_size', (0, 0)),
     ('scale_range', (0.0, 1.0)), ('scale_range', (2.0, 0.5)), ('scale_range', (1.0,)),
-    ('learning_rate', -0.1), ('learning_rate', float('nan')), ('momentum', 1.5),
+    ('learning_rate', -0.1), ('learning_rate', float('nan')), ('momentum', 1.5), ('ema_decay', 1.0),
     ('grad_accum_steps', 0), ('num_classes', 0), ('eval_scales', ()), ('eval_scales', (1.0, -1)),
     ('mesh', (('data', 0),)), ('mesh', (('model', 2),)), ('sharding_rules', 'zero3'),
     ('optimizer', 'adam'), ('loss', 'focal'), ('loss_mode', 'full'), ('keep_checkpoints', 0),

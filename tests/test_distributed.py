@@ -29,10 +29,14 @@ def test_one_device_and_eight_devices_train_the_same(replicated_on_eight):
   s8, l8 = replicated_on_eight
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
   # BatchNorm statistics over the global batch, so these agree too (not per-device stats)
-  for a, b in zip(jax.tree.leaves((s1.params, s1.batch_stats)),
-                  jax.tree.leaves((s8.params, s8.batch_stats))):
+  for a, b in zip(jax.tree.leaves((s1.params, s1.batch_stats, s1.ema_params)),
+                  jax.tree.leaves((s8.params, s8.batch_stats, s8.ema_params))):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
   assert not np.allclose(l1[0], l1[2])  # it trained
+  # the average lags the parameters (those that changed: some got no gradient in 3 steps)
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(s8.ema_params),
+                                                  jax.tree.leaves(s8.params))]
+  assert sum(moved) > 0.7 * len(moved)
 
 
 def test_fsdp_trains_like_replicated_with_one_eighth_per_device(replicated_on_eight):
@@ -45,7 +49,7 @@ def test_fsdp_trains_like_replicated_with_one_eighth_per_device(replicated_on_ei
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
   # really sharded: a device holds 1/8 of each split leaf, and the split leaves are nearly all
   # of the parameters and optimizer state (the rest: scalars, odd-sized biases)
-  leaves = jax.tree.leaves((fsdp.params, fsdp.opt_state))
+  leaves = jax.tree.leaves((fsdp.params, fsdp.ema_params, fsdp.opt_state))
   split = [x for x in leaves if sharding.DATA_AXIS in x.sharding.spec]
   assert split
   for x in split:

@@ -50,6 +50,7 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   c = tiny_config()  # 10 val images in batches of 8: the last eval batch is padded
   c.data_dir = str(tmp_path / 'data')
   c.eval_every, c.checkpoint_every = 8, 8
+  c.ema_decay = 0.8  # evaluated, checkpointed, restored and exported instead of the raw params
   workdir = tmp_path / 'run'
   out = train.train_and_evaluate(c, str(workdir))
   saved = json.loads((workdir / 'metrics.json').read_text())
@@ -66,7 +67,8 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
         p.name for p in (workdir / 'eval').iterdir()}
   cm = json.loads((workdir / 'eval' / 'step12_confusion.json').read_text())
   assert cm['counts'] == out['val']['confusion'] and cm['class_names'][0] == 'background'
-  assert Image.open(workdir / 'curves.png').size[0] > 600
+  with Image.open(workdir / 'curves.png') as im:
+    assert im.size[0] > 600
   # eval mode on the saved checkpoint reproduces the training run's final number, also when the
   # 8-device checkpoint is restored onto 2 devices
   c.mesh = (('data', 2),)
@@ -77,14 +79,16 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   c.eval_scales, c.eval_flip = (0.75, 1.0, 1.25), True  # multi-scale + flip path runs
   assert 0.0 <= train.evaluate(c, str(workdir), checkpoint='latest')['miou'] <= 1.0
   # a new run started from this one (init_checkpoint = its workdir) gets the best step's
-  # params and BN statistics, not its optimizer state or step
+  # evaluated params (the moving average) and BN statistics, not its optimizer state or step
   best, _ = train._restore_for_inference(c, train.setup(c, str(workdir), splits=()), 'best')
   c2 = tiny_config()
   c2.data_dir, c2.mesh, c2.init_checkpoint = c.data_dir, (('data', 2),), str(workdir)
   fresh = train.initial_state(c2, train.setup(c2, str(tmp_path / 'run2'), splits=()))
   assert int(fresh.step) == 0
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best.ema_params),
+                                                      jax.tree.leaves(best.params)))
   jax.tree.map(np.testing.assert_array_equal, (fresh.params, fresh.batch_stats),
-               (best.params, best.batch_stats))
+               (best.ema_params, best.batch_stats))
   c2.num_classes += 1
   with pytest.raises(ValueError, match='num_classes'):
     train.initial_state(c2, train.setup(c2, str(tmp_path / 'run3'), splits=()))
