@@ -59,8 +59,9 @@ def get_config():
   c.loss_reduction = 'mean'  # or 'sum' over labelled pixels (Caffe normalize=False, FCN heavy)
   c.focal_gamma = 2.0  # 'focal': (1 - p_true)^gamma * CE (Lin et al.); 0 = cross-entropy
   # 'ohem': CE over the labelled pixels whose true-class probability is below ohem_thresh, and at
-  # least the ohem_min_kept hardest per image (counted at the loss's resolution: 1/16 of the
-  # crop's pixels with loss_mode='quarter'); mmseg's common setting (0.7, 100000)
+  # least the ohem_min_kept hardest per image, counted at the loss's resolution. mmseg's common
+  # setting (0.7, 100000) is ~19% of a 512x1024 label; the same share with loss_mode='quarter'
+  # is 1/16 of it (a min_kept above the pixels per image keeps them all: plain CE)
   c.ohem_thresh = 0.7
   c.ohem_min_kept = 100000
 
