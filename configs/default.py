@@ -52,11 +52,20 @@ def get_config():
   c.ema_decay = 0.0  # > 0 (e.g. 0.999): evaluate and export a moving average of the params
   c.ema_warmup = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
   # loss
-  c.loss = 'cross_entropy'  # a losses.LOSSES name
+  # a losses.LOSSES name ('cross_entropy', 'focal', 'dice', 'lovasz', 'ohem') or a weighted sum
+  # of them, e.g. 'cross_entropy+0.5*dice'
+  c.loss = 'cross_entropy'
   c.loss_mode = 'quarter'  # 'quarter' (official: labels at 1/4) or 'upsample' (PyTorch ports)
   c.class_weights = ()
   c.aux_weights = ()
   c.loss_reduction = 'mean'  # or 'sum' over labelled pixels (Caffe normalize=False, FCN heavy)
+  c.focal_gamma = 2.0  # 'focal': (1 - p_true)^gamma * CE (Lin et al.); 0 = cross-entropy
+  # 'ohem': CE over the labelled pixels whose true-class probability is below ohem_thresh, and at
+  # least the ohem_min_kept hardest per image, counted at the loss's resolution. mmseg's common
+  # setting (0.7, 100000) is ~19% of a 512x1024 label; the same share with loss_mode='quarter'
+  # is 1/16 of it (a min_kept above the pixels per image keeps them all: plain CE)
+  c.ohem_thresh = 0.7
+  c.ohem_min_kept = 100000
 
   # evaluation
   c.eval_batch_size = 64

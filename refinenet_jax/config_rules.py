@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import math
 
-from refinenet_jax.losses import LOSS_MODES, LOSS_REDUCTIONS, LOSSES
+from refinenet_jax.losses import LOSS_MODES, LOSS_REDUCTIONS, MEAN_ONLY, parse_loss
 from refinenet_jax.optim import OPTIMIZERS
 from refinenet_jax.sharding import RULE_SETS, mesh_problem
 
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_steps', 'grad_accum_steps', 'num_classes',
                   'image_size', 'num_train', 'num_val', 'log_every', 'keep_checkpoints')
 _NON_NEGATIVE_INTS = ('warmup_steps', 'eval_every', 'checkpoint_every', 'data_threads', 'seed',
-                      'data_seed')
+                      'data_seed', 'ohem_min_kept')
 _NON_NEGATIVE_FLOATS = ('learning_rate', 'weight_decay', 'encoder_lr_mult', 'grad_clip_norm',
-                        'poly_power')
+                        'poly_power', 'focal_gamma')
 _SIZES = ('crop_size', 'eval_size', 'eval_window', 'eval_stride')  # () or (H, W) > 0
-_CHOICES = {'optimizer': OPTIMIZERS, 'loss': tuple(LOSSES), 'loss_mode': LOSS_MODES,
+_CHOICES = {'optimizer': OPTIMIZERS, 'loss_mode': LOSS_MODES,
             'loss_reduction': LOSS_REDUCTIONS, 'compute_dtype': ('float32', 'bfloat16', 'float16')}
 
 
@@ -60,6 +60,20 @@ def errors(config) -> list[str]:
   for k, allowed in _CHOICES.items():
     if has(k) and config[k] not in allowed:
       bad(k, f'one of {", ".join(map(repr, allowed))}')
+  terms = {}
+  if has('loss'):
+    try:
+      terms = dict(parse_loss(config['loss']))
+    except ValueError as e:
+      bad('loss', str(e))
+  mean_only = [n for n in MEAN_ONLY if n in terms]
+  if mean_only and has('loss_reduction') and config['loss_reduction'] == 'sum':
+    bad('loss_reduction', f"'mean' for the ratio loss(es) {', '.join(mean_only)}")
+  if has('ohem_thresh') and not (_is_number(config.ohem_thresh) and 0 <= config.ohem_thresh <= 1):
+    bad('ohem_thresh', 'must be a probability in [0, 1]')
+  elif ('ohem' in terms and has('ohem_min_kept') and config.ohem_thresh == 0
+        and config.ohem_min_kept == 0):
+    bad('ohem_thresh', "and ohem_min_kept both 0: 'ohem' would keep no pixel")
   if has('momentum') and not (_is_number(config.momentum) and 0 <= config.momentum < 1):
     bad('momentum', 'must be in [0, 1)')
   if has('ema_decay') and not (_is_number(config.ema_decay) and 0 <= config.ema_decay < 1):

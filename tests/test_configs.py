@@ -72,9 +72,11 @@ def test_config_resolves(name, arg):
     ('learning_rate', -0.1), ('learning_rate', float('nan')), ('momentum', 1.5), ('ema_decay', 1.0),
     ('grad_accum_steps', 0), ('num_classes', 0), ('eval_scales', ()), ('eval_scales', (1.0, -1)),
     ('mesh', (('data', 0),)), ('mesh', (('model', 2),)), ('sharding_rules', 'zero3'),
-    ('optimizer', 'adam'), ('loss', 'focal'), ('loss_mode', 'full'), ('keep_checkpoints', 0),
+    ('optimizer', 'adam'), ('loss', 'tversky'), ('loss', 'cross_entropy+x*dice'),
+    ('loss', 'dice+dice'), ('loss_mode', 'full'), ('keep_checkpoints', 0),
     ('compute_dtype', 'int8'), ('class_weights', (1.0, 2.0)), ('eval_stride', (8, 8)),
-    ('checkpoint_every', -1)])
+    ('checkpoint_every', -1), ('focal_gamma', -1.0), ('ohem_thresh', 1.5),
+    ('ohem_min_kept', -1)])
 def test_impossible_value_is_refused_before_the_dataset_is_built(key, value, tmp_path,
                                                                   monkeypatch):
   def no_build(*args, **kwargs):
