@@ -75,11 +75,14 @@ def _probs_at(logits: jnp.ndarray, size: Sequence[int], resize_mode: str) -> jnp
 
 
 def _windowed_probs(logits_fn: LogitsFn, x: jnp.ndarray, window: Sequence[int],
-                    stride: Sequence[int], pad_value, resize_mode: str) -> jnp.ndarray:
+                    stride: Sequence[int], pad_value, resize_mode: str, window_batch: int = 1,
+                    place: Callable | None = None) -> jnp.ndarray:
   """Class probabilities at x's own size, averaged over overlapping windows.
 
   All windows go through one ``lax.map``, so the model is traced once however many windows
-  there are, and only one window batch is live at a time.
+  there are, and only one group of ``window_batch`` windows (per image) is live at a time; the
+  last group is filled up with blank windows. ``place`` lays out each group's batch (the
+  windows spread over the devices: ``sharding.window_placement``).
   """
   n, h, w, ch = x.shape
   wh, ww = window
@@ -91,8 +94,17 @@ def _windowed_probs(logits_fn: LogitsFn, x: jnp.ndarray, window: Sequence[int],
   ys, xs = window_starts(ph, wh, stride[0]), window_starts(pw, ww, stride[1])
   corners = [(y0, x0) for y0 in ys for x0 in xs]
   tiles = jnp.stack([x[:, y0:y0 + wh, x0:x0 + ww] for y0, x0 in corners])
-  logits = jax.lax.map(logits_fn, tiles) if len(corners) > 1 else logits_fn(tiles[0])[None]
-  k, _, lh, lw, c = logits.shape
+  k, g = len(corners), max(1, int(window_batch))
+  groups = -(-k // g)
+  if groups * g > k:
+    tiles = jax.lax.concatenate([tiles, jnp.zeros((groups * g - k, *tiles.shape[1:]),
+                                                  tiles.dtype)], 0)
+  tiles = tiles.reshape(groups, g * n, wh, ww, ch)  # a group's rows: window-major, then image
+  if place is not None:
+    tiles = place(tiles)
+  logits = jax.lax.map(logits_fn, tiles) if groups > 1 else logits_fn(tiles[0])[None]
+  lh, lw, c = logits.shape[2:]
+  logits = logits.reshape(groups * g, n, lh, lw, c)[:k]
   probs = _probs_at(logits.reshape(k * n, lh, lw, c), (wh, ww), resize_mode)
   probs = probs.reshape(k, n, wh, ww, c)
   acc = jnp.zeros((n, ph, pw, c), jnp.float32)
@@ -108,13 +120,16 @@ def predict_probs(logits_fn: LogitsFn, images: jnp.ndarray, *,
                   scales: Sequence[float] = (1.0,), flip: bool = False,
                   resize_mode: str = 'half_pixel',
                   window: Sequence[int] | None = None, stride: Sequence[int] | None = None,
-                  pad_value: float | Sequence[float] = 0.0) -> jnp.ndarray:
+                  pad_value: float | Sequence[float] = 0.0, window_batch: int = 1,
+                  place: Callable | None = None) -> jnp.ndarray:
   """(N, *out_size, C) float32 class probabilities, the equal-weight mean over scales x flips.
 
   Per scale the images are resized to ``scaled_size``; without ``window`` the logits go straight
   to ``out_size`` and through a softmax. With ``window=(wh, ww)`` the scaled image is tiled
   (``stride`` defaults to 2/3 of the window) and the per-window softmax maps are averaged at the
   scaled size, then resized to ``out_size``: this keeps test inputs at the training crop size.
+  ``window_batch`` windows go through the model at a time, laid out by ``place`` (predict spreads
+  one large image's windows over every device: ``sharding.window_placement``).
   ``flip`` adds the horizontally mirrored input (run in the same batch) and mirrors its map back.
   ``out_size`` defaults to the input size.
   """
@@ -139,7 +154,8 @@ def predict_probs(logits_fn: LogitsFn, images: jnp.ndarray, *,
     if window is None:
       probs = _probs_at(logits_fn(x), out_size, resize_mode)
     else:
-      probs = _windowed_probs(logits_fn, x, window, stride, pad_value, resize_mode)
+      probs = _windowed_probs(logits_fn, x, window, stride, pad_value, resize_mode,
+                              window_batch, place)
       probs = resize_bilinear(probs, out_size, resize_mode)
     if flip:
       probs = (jax.lax.slice_in_dim(probs, 0, n)

@@ -101,6 +101,14 @@ def process_rows(mesh, global_batch_size: int) -> dict[int, int]:
   return rows
 
 
+def window_placement(mesh):
+  """Sliding-window groups (group, windows x images, H, W, C) with the windows split over
+  'data': one large image's windows run on every device at once (``inference.predict_probs``'
+  ``place``; ``window_batch`` a multiple of the 'data' size)."""
+  spec = NamedSharding(mesh, P(None, DATA_AXIS))
+  return lambda tiles: jax.lax.with_sharding_constraint(tiles, spec)
+
+
 def put_batch(local_batch: dict, mesh) -> dict:
   """This process's share of the batch -> global arrays sharded over 'data'."""
   sharding = batch_sharding(mesh)

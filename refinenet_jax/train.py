@@ -553,16 +553,20 @@ def write_predictions(load: Callable[[], tuple[Callable, np.ndarray]], input_dir
 def predict(config, workdir: str, input_dir: str, output_dir: str, checkpoint: str = 'best',
             overwrite: bool = False) -> list[str]:
   """:func:`write_predictions` with a workdir's best (or latest) step and the config's eval
-  settings (scales, flip, window)."""
+  settings (scales, flip, window). With ``eval_window`` (images larger than memory allows) each
+  image's windows are batched over every device of the run's mesh."""
   def load():
     run = setup(config, workdir, splits=())
     state, _ = _restore_for_inference(config, run, checkpoint)
     run.ckpts.close()
-    single = sharding.make_mesh(1)  # one image at a time, any size: no batch to shard
-    state = jax.device_put(state, sharding.replicated(single))
-    predict_fn = jax.jit(functools.partial(
-        steps.predict_step, model=run.model,
-        **inference.settings(config, run.model.normalization)))
+    kwargs = inference.settings(config, run.model.normalization)
+    mesh = run.mesh
+    if kwargs['window']:  # one image at a time: its windows spread over every device
+      kwargs.update(window_batch=mesh.size, place=sharding.window_placement(mesh))
+    else:  # one whole image of any size: nothing to split
+      mesh = sharding.make_mesh(1)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    predict_fn = jax.jit(functools.partial(steps.predict_step, model=run.model, **kwargs))
     return lambda image: np.asarray(predict_fn(state, {'image': image[None]}))[0], \
         run.info.palette
   return write_predictions(load, input_dir, output_dir, overwrite)

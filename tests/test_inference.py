@@ -171,3 +171,26 @@ def test_rejects_bad_arguments():
     predict_probs(pool4, x, scales=())
   with pytest.raises(ValueError):
     predict_probs(pool4, x, window=(4, 4), stride=(5, 2))
+
+
+@pytest.mark.parametrize('window_batch', [3, 8])
+def test_windows_batched_over_the_mesh_equal_one_at_a_time(window_batch):
+  """predict's large-image path: every device takes some of one image's windows at once (the
+  last group filled up with blank windows), with the same probabilities as one window at a
+  time on one device."""
+  from refinenet_jax import sharding
+  mesh = sharding.make_mesh(8)
+  seen = []
+
+  def logits_fn(x):  # records the batch layout the model sees
+    jax.debug.inspect_array_sharding(x, callback=lambda s: seen.append(s))
+    return with_global_mean(x)
+
+  x = jax.random.uniform(jax.random.key(3), (1, 70, 90, 3)) * 255
+  kw = dict(window=(32, 40), stride=(20, 25), scales=(1.0, 0.75), flip=True)
+  one = jax.jit(partial(predict_probs, with_global_mean, **kw))(x)
+  spread = jax.jit(partial(predict_probs, logits_fn, window_batch=window_batch,
+                           place=sharding.window_placement(mesh), **kw))(x)
+  np.testing.assert_allclose(spread, one, rtol=1e-5, atol=1e-6)
+  assert seen and all(s.spec[0] == sharding.DATA_AXIS for s in seen)
+  assert any(len(s.device_set) == 8 for s in seen)

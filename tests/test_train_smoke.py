@@ -104,6 +104,11 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
   mask = np.asarray(Image.open(tmp_path / 'pred' / 'img0_mask.png'))
   assert mask.shape == (40, 52, 3)
   assert {tuple(p) for p in mask.reshape(-1, 3)} <= {tuple(p) for p in PALETTE}
+  # sliding windows (images larger than memory allows): each image's windows over the mesh
+  cw = tiny_config()
+  cw.data_dir, cw.mesh, cw.eval_window, cw.ema_decay = c.data_dir, (('data', 4),), (32, 32), 0.8
+  written = train.predict(cw, str(workdir), str(images), str(tmp_path / 'pred_windows'))
+  assert len(written) == 4 and np.asarray(Image.open(written[0])).shape == (40, 52, 3)
   # exported (the same best step, scales and flip baked in), the run predicts the same masks
   # without its config or this library's model code; class names and colours come along
   assert export.main(['--workdir', str(workdir), '--output', str(tmp_path / 'art'),
