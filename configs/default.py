@@ -14,7 +14,8 @@ def get_config():
   c.model_overrides = ml_collections.ConfigDict({'tap_dropout': 0.0, 'head_dropout': 0.1})
   c.num_classes = 5
   c.compute_dtype = 'float32'  # or 'bfloat16' (parameters stay float32)
-  c.init_checkpoint = ''  # converted weights (python -m refinenet_jax.convert), when no resume
+  c.init_checkpoint = ''  # converted weights, a run's workdir or a .pth file, when no resume
+  c.init_checkpoint_layout = ''  # of a .pth init_checkpoint; '' = from the weight manifest
 
   # data
   c.dataset = 'synthetic_scenes'  # a name in refinenet_jax.data.datasets.BUILDERS

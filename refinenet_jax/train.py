@@ -26,6 +26,7 @@ from refinenet_jax import (checkpoint, config_rules, console, inference, losses,
 from refinenet_jax.data import datasets, pipeline, transforms
 from refinenet_jax.data.builders.base import IMAGE_EXTENSIONS, to_rgb
 from refinenet_jax import models
+from refinenet_jax.convert import pretrained
 from refinenet_jax.convert.orbax_io import read_weights
 
 TrainState = steps.TrainState
@@ -264,12 +265,19 @@ def print_scores(info, result: dict) -> None:
 def _init_variables(config, run) -> dict:
   """``config.init_checkpoint`` -> {'params', 'batch_stats'} checked against this run's model.
 
-  The path is converted weights (``python -m refinenet_jax.convert``) or another run's workdir
-  (its best step). A coarser FCN starts a finer one (staged 32s -> 16s -> 8s training: the new
-  skips start at zero); any other model, class count or normalisation is refused.
+  The path is converted weights (``python -m refinenet_jax.convert``), another run's workdir
+  (its best step) or a PyTorch file (``.pth``/``.pt``/``.pth.tar``): a published one is known by
+  its hash (convert/manifest.py), any other needs ``config.init_checkpoint_layout``. A coarser FCN
+  starts a finer one (staged 32s -> 16s -> 8s training: the new skips start at zero); any other
+  model, class count or normalisation is refused.
   """
   path, model = config.init_checkpoint, run.model
-  meta, variables = read_weights(path, sharding.replicated(run.mesh))
+  if pretrained.is_torch_file(path):
+    meta, variables = pretrained.read_torch_weights(
+        path, model, model_name=config.model, num_classes=config.num_classes,
+        layout=config.get('init_checkpoint_layout', ''), rng=jax.random.key(config.seed))
+  else:
+    meta, variables = read_weights(path, sharding.replicated(run.mesh))
   for key, want in (('num_classes', config.num_classes), ('normalization', model.normalization)):
     if meta.get(key, want) != want:
       raise ValueError(f'{path} has {key} {meta[key]!r}; this run needs {want!r}')

@@ -2,11 +2,14 @@
 
 One entry point for every source layout: ``import_state_dict(model, path_or_dict, layout)``
 picks the module that knows the layout (RefineNet/ResNet, FCN-VGG, torchvision FCN-ResNet).
+``manifest`` lists the published checkpoints (recognised by hash, downloadable with verification);
+``load_pretrained`` builds a model from one.
 """
 from __future__ import annotations
 
-from refinenet_jax.convert import fcn_torch, refinenet_torch, torchvision_seg
+from refinenet_jax.convert import fcn_torch, manifest, refinenet_torch, torchvision_seg
 from refinenet_jax.convert.orbax_io import load_converted, save_converted
+from refinenet_jax.convert.pretrained import load_pretrained
 from refinenet_jax.convert.refinenet_torch import export_state_dict, unwrap_state_dict
 from refinenet_jax.convert.torch_io import (CheckpointFormatError, UnsafeCheckpointError,
                                            load_torch_checkpoint, save_torch_state_dict)
@@ -27,4 +30,5 @@ def import_state_dict(model, state_dict, layout: str = 'drsleep', *, rng=None, *
 
 __all__ = ['LAYOUTS', 'CheckpointMismatchError', 'CheckpointFormatError', 'UnsafeCheckpointError',
            'export_state_dict', 'import_state_dict', 'unwrap_state_dict', 'load_torch_checkpoint',
-           'save_torch_state_dict', 'load_converted', 'save_converted']
+           'save_torch_state_dict', 'load_converted', 'save_converted', 'manifest',
+           'load_pretrained']
