@@ -50,12 +50,13 @@ def test_every_entry_fits_a_registered_model_and_layout():
   assert len(verified) == 20  # 15 torchvision (sha256 prefix), 5 wkentaro (md5)
 
 
-def test_voc_class_names_match_the_dataset_builder():
-  voc2012 = pytest.importorskip('refinenet_jax.data.builders.voc2012')
-  assert manifest.VOC_CLASSES == voc2012.CLASS_NAMES
-  assert manifest.get('fcn8s_voc').class_names == voc2012.CLASS_NAMES
-  assert len(manifest.NYUD40_CLASSES) == 40 and len(set(manifest.NYUD40_CLASSES)) == 40
-  assert manifest.get('lw_refinenet101_context').class_names is None  # generic names
+def test_class_names_are_the_dataset_builders():
+  from refinenet_jax.data import datasets
+  for key, builder in [('fcn8s_voc', 'voc2012'), ('refinenet101_nyudv2', 'nyudv2_40'),
+                       ('lw_refinenet101_context', 'pascal_context')]:
+    assert manifest.get(key).class_names == datasets.BUILDERS[builder].CLASS_NAMES
+  assert all(len(e.class_names) == e.num_classes for e in manifest.ENTRIES if e.whole_model)
+  assert manifest.get('resnet101_v1').class_names is None  # encoder only
   with pytest.raises(KeyError, match='no manifest entry'):
     manifest.get('nope')
 

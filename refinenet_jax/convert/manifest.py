@@ -21,19 +21,9 @@ import urllib.request
 CACHE_ENV = 'REFINENET_JAX_WEIGHTS'
 DEFAULT_CACHE = os.path.join('~', '.cache', 'refinenet_jax', 'weights')
 
-VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
-               'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
-               'sheep', 'sofa', 'train', 'tvmonitor')
-NYUD40_CLASSES = ('wall', 'floor', 'cabinet', 'bed', 'chair', 'sofa', 'table', 'door', 'window',
-                  'bookshelf', 'picture', 'counter', 'blinds', 'desk', 'shelves', 'curtain',
-                  'dresser', 'pillow', 'mirror', 'floor mat', 'clothes', 'ceiling', 'books',
-                  'refrigerator', 'television', 'paper', 'towel', 'shower curtain', 'box',
-                  'whiteboard', 'person', 'night stand', 'toilet', 'sink', 'lamp', 'bathtub', 'bag',
-                  'otherstructure', 'otherfurniture', 'otherprop')
-PERSON_PART_CLASSES = ('background', 'head', 'torso', 'upper arms', 'lower arms', 'upper legs',
-                       'lower legs')
-_CLASSES = {'voc': VOC_CLASSES, 'nyudv2': NYUD40_CLASSES, 'person_part': PERSON_PART_CLASSES,
-            'coco_voc': VOC_CLASSES}
+# Where each checkpoint's label order is defined: the dataset builder of the same data.
+_BUILDER_OF = {'voc': 'voc2012', 'coco_voc': 'voc2012', 'nyudv2': 'nyudv2_40',
+               'person_part': 'person_part', 'context': 'pascal_context'}
 
 
 class WeightsHashError(ValueError):
@@ -71,9 +61,12 @@ class Weights:
 
   @property
   def class_names(self) -> tuple[str, ...] | None:
-    """The published label order, or None where it is not known here (use generic names)."""
-    names = _CLASSES.get(self.dataset)
-    return names if names is not None and len(names) == self.num_classes else None
+    """The label order (its dataset builder's), or None for an encoder-only file."""
+    if self.dataset not in _BUILDER_OF:
+      return None
+    from refinenet_jax.data import datasets  # tfds: only when names are asked for
+    names = tuple(datasets.BUILDERS[_BUILDER_OF[self.dataset]].CLASS_NAMES)
+    return names if len(names) == self.num_classes else None
 
   @property
   def verifiable(self) -> bool:
