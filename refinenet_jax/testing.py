@@ -69,3 +69,22 @@ def random_variables(model, input_shape=(1, 32, 32, 3), seed: int = 0) -> dict:
       v = (2 * u - 1) * 0.1
     values.append(np.asarray(v, leaf.dtype))
   return jax.tree.unflatten(jax.tree.structure(abstract), values)
+
+
+def bare_run(model, input_shape=(1, 32, 32, 3)):
+  """A ``train.Run`` holding only what ``train.initial_state`` reads (a one-device mesh, the
+  state initializer, no data and no checkpoints): for tests of ``init_checkpoint``."""
+  import jax
+  import optax
+  from refinenet_jax import sharding, train
+  mesh = sharding.make_mesh(1)
+  init, abstract = sharding.train_state_initializer(
+      jax.random.key(0), model=model, tx=optax.sgd(1e-3), input_shape=input_shape, mesh=mesh)
+
+  class NoCheckpoints:
+    def latest_step(self):
+      return None
+
+  return train.Run(mesh=mesh, model=model, info=None, train_ds=None, eval_ds=None, n_train=0,
+                   n_eval=0, crop=tuple(input_shape[1:3]), eval_size=None, eval_window=None,
+                   init=init, abstract=abstract, ckpts=NoCheckpoints())

@@ -13,11 +13,11 @@ import optax
 import pytest
 
 import refinenet_jax as rj
-from refinenet_jax import losses, sharding, steps, train
+from refinenet_jax import losses, steps, train
 from refinenet_jax.convert import CheckpointMismatchError, save_converted
 from refinenet_jax.convert.fcn_torch import export_state_dict, import_state_dict
 from refinenet_jax.models import fcn
-from refinenet_jax.testing import synthetic_state_dict
+from refinenet_jax.testing import bare_run, synthetic_state_dict
 
 FIX = os.path.join(os.path.dirname(__file__), 'fixtures')
 FULL = ('fcn32s', 'fcn16s', 'fcn8s', 'fcn8s_atonce')
@@ -300,43 +300,28 @@ def test_staged_initialisation_keeps_the_coarser_predictions():
   assert not fcn.is_coarser('refinenet_tiny', 'fcn8s') and not fcn.is_coarser(None, 'fcn8s')
 
 
-def _run(model):
-  """A ``train.Run`` with what ``train.initial_state`` reads (no data, no checkpoints)."""
-  mesh = sharding.make_mesh(1)
-  init, abstract = sharding.train_state_initializer(
-      jax.random.key(0), model=model, tx=optax.sgd(1e-3), input_shape=(1, 32, 32, 3), mesh=mesh)
-
-  class NoCheckpoints:
-    def latest_step(self):
-      return None
-
-  return train.Run(mesh=mesh, model=model, info=None, train_ds=None, eval_ds=None, n_train=0,
-                   n_eval=0, crop=(32, 32), eval_size=None, eval_window=None, init=init,
-                   abstract=abstract, ckpts=NoCheckpoints())
-
-
 def test_init_checkpoint_of_a_coarser_fcn_starts_the_finer_one(tmp_path):
   _, v32 = _tiny('fcn32s_tiny', classes=4)
   save_converted(tmp_path / 'fcn32s', v32, model_name='fcn32s_tiny', num_classes=4)
   config = ml_collections.ConfigDict(dict(init_checkpoint=str(tmp_path / 'fcn32s'), seed=0,
                                           model='fcn16s_tiny', num_classes=4))
   m16 = rj.create_model('fcn16s_tiny', 4)
-  state = train.initial_state(config, _run(m16))
+  state = train.initial_state(config, bare_run(m16))
   want = fcn.upgrade_variables(v32, m16)['params']
   jax.tree.map(np.testing.assert_array_equal, state.params, want)
   # 16s -> 8s at-once; a checkpoint of the same model loads as before
   save_converted(tmp_path / 'fcn16s', {'params': want}, model_name='fcn16s_tiny', num_classes=4)
   config.init_checkpoint = str(tmp_path / 'fcn16s')
   config.model = 'fcn8s_atonce_tiny'
-  state = train.initial_state(config, _run(rj.create_model('fcn8s_atonce_tiny', 4)))
+  state = train.initial_state(config, bare_run(rj.create_model('fcn8s_atonce_tiny', 4)))
   assert not np.any(state.params['score_pool3']['kernel'])
   config.model = 'fcn16s_tiny'
-  state = train.initial_state(config, _run(m16))
+  state = train.initial_state(config, bare_run(m16))
   jax.tree.map(np.testing.assert_array_equal, state.params, want)
   # anything else is still refused by name (here: a finer net into a coarser one)
   config.model = 'fcn32s_tiny'
   with pytest.raises(ValueError, match='holds fcn16s_tiny, not fcn32s_tiny'):
-    train.initial_state(config, _run(rj.create_model('fcn32s_tiny', 4)))
+    train.initial_state(config, bare_run(rj.create_model('fcn32s_tiny', 4)))
 
 
 # ------------------------------------------------------------------------ training

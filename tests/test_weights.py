@@ -20,7 +20,7 @@ from refinenet_jax.convert import LAYOUTS, export_state_dict, load_pretrained, m
 from refinenet_jax.convert.manifest import WeightsDownloadError, WeightsHashError
 from refinenet_jax.convert.torch_io import save_torch_state_dict
 from refinenet_jax.models.preprocessing import NORMALIZATIONS
-from refinenet_jax.testing import random_variables
+from refinenet_jax.testing import bare_run, random_variables
 
 README = pathlib.Path(__file__).resolve().parent.parent / 'README.md'
 TINY, CLASSES = 'lw_refinenet_tiny', 3
@@ -280,33 +280,16 @@ def test_an_unknown_file_needs_an_explicit_layout(tmp_path):
   _same(got, variables)
 
 
-def _run(model):
-  """A ``train.Run`` with what ``train.initial_state`` reads (no data, no checkpoints)."""
-  import optax
-  from refinenet_jax import sharding
-  mesh = sharding.make_mesh(1)
-  init, abstract = sharding.train_state_initializer(
-      jax.random.key(0), model=model, tx=optax.sgd(1e-3), input_shape=(1, 32, 32, 3), mesh=mesh)
-
-  class NoCheckpoints:
-    def latest_step(self):
-      return None
-
-  return train.Run(mesh=mesh, model=model, info=None, train_ds=None, eval_ds=None, n_train=0,
-                   n_eval=0, crop=(32, 32), eval_size=None, eval_window=None, init=init,
-                   abstract=abstract, ckpts=NoCheckpoints())
-
-
 def test_init_checkpoint_pth(known_tiny, tmp_path, monkeypatch):
   p, variables, _ = known_tiny
   config = ml_collections.ConfigDict(dict(init_checkpoint=str(p), init_checkpoint_layout='',
                                           seed=0, model=TINY, num_classes=CLASSES))
-  run = _run(rj.create_model(TINY, CLASSES))
+  run = bare_run(rj.create_model(TINY, CLASSES))
   state = train.initial_state(config, run)
   _same({'params': state.params}, variables)
   config.num_classes = 4
   with pytest.raises(ValueError, match='has 3 classes .test.; the model needs 4'):
-    train._init_variables(config, _run(rj.create_model(TINY, 4)))
+    train._init_variables(config, bare_run(rj.create_model(TINY, 4)))
   # the same bytes, unknown to the manifest: refused without a layout, loaded with one
   monkeypatch.setattr(manifest, 'ENTRIES', ())
   config.num_classes = CLASSES
