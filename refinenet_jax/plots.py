@@ -71,15 +71,15 @@ def iou_image(per_class_iou: Sequence[float], class_names: Sequence[str],
   for i, v in enumerate(iou):
     ax.text(0.005 if math.isnan(v) else v + 0.005, i, 'n/a' if math.isnan(v) else f'{v:.3f}',
             va='center', fontsize=8)
+  title = title or 'per-class IoU'
   if np.any(~np.isnan(iou)):
-    ax.axvline(np.nanmean(iou), color='tab:red', linestyle='--',
-               label=f'mIoU {np.nanmean(iou):.4f}')
-    ax.legend(loc='lower right')
+    ax.axvline(np.nanmean(iou), color='tab:red', linestyle='--', linewidth=1)
+    title += f' (dashed: mIoU {np.nanmean(iou):.4f})'
   ax.set_yticks(range(n), class_names)
   ax.invert_yaxis()
   ax.set_xlim(0, 1.1)
   ax.set_xlabel('IoU')
-  ax.set_title(title or 'per-class IoU')
+  ax.set_title(title)
   fig.tight_layout()
   return _image(fig)
 
@@ -94,11 +94,14 @@ def curves_image(records: Sequence[dict]) -> np.ndarray:
   plt = _pyplot()
   panels = [('train/loss', 'train loss'), ('train/lr', 'learning rate'), ('eval/miou', 'val mIoU')]
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5), dpi=80)
+  last_step = max((r['step'] for r in records), default=1)
   for ax, (key, label) in zip(axes, panels):
     pts = series(records, key)
     if pts:
       ax.plot(*zip(*pts), marker='o' if len(pts) < 30 else None, markersize=3)
+      label = f'{label} (last: {pts[-1][1]:.4g})'
     ax.set_title(label)
+    ax.set_xlim(0, last_step * 1.03)  # one time axis: a lone end-of-run evaluation sits at the end
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
   fig.tight_layout()
