@@ -138,10 +138,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   rc, out = _finish(p, 'the stopped run')
   assert rc == 0, out[-3000:]
   assert 'SIGTERM: saved step' in out
-  # a quiet console: no library log line (absl's 'I1203 12:00:00.000 ...' format), no config
-  # dump; the config is in the workdir instead
+  # a quiet console: no Python library's log line (absl's 'I1203 12:00:00.000000 123 file.py:45]'
+  # format; libtpu's native start-up lines on a CPU host are not Python's), no config dump;
+  # the config is in the workdir instead
   out = b''.join(seen).decode() + out
-  assert not re.search(r'^[IWE]\d{4} ', out, re.M), out[:3000]
+  assert not re.search(r'^[IWE]\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]', out, re.M), out[:3000]
   assert 'learning_rate' not in out and 'config: ' in out, out[:3000]
   assert json.loads((tmp_path / 'w' / 'config.json').read_text())['num_steps'] == 100000
   saved = _steps(tmp_path / 'w')
