@@ -128,11 +128,9 @@ def write_evaluation(folder: str, prefix: str, result: dict, class_names: Sequen
   at = f', {label}' if label else ''
   images = {'confusion': confusion_image(cm, class_names,
                                          f'confusion matrix{at} (row-normalised, %)'),
-            'per_class_iou': iou_image(result['per_class_iou'], class_names,
-                                       f'per-class IoU{at}')}
+            'iou': iou_image(result['per_class_iou'], class_names, f'per-class IoU{at}')}
   for name, img in images.items():
-    _write_png(os.path.join(folder, f'{prefix}{"iou" if name == "per_class_iou" else name}.png'),
-               img)
+    _write_png(os.path.join(folder, f'{prefix}{name}.png'), img)
   return images
 
 

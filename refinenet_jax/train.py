@@ -275,7 +275,7 @@ def _init_variables(config, run) -> dict:
   if pretrained.is_torch_file(path):
     meta, variables = pretrained.read_torch_weights(
         path, model, model_name=config.model, num_classes=config.num_classes,
-        layout=config.get('init_checkpoint_layout', ''), rng=jax.random.key(config.seed))
+        layout=config.init_checkpoint_layout, rng=jax.random.key(config.seed))
   else:
     meta, variables = read_weights(path, sharding.replicated(run.mesh))
   for key, want in (('num_classes', config.num_classes), ('normalization', model.normalization)):

@@ -160,15 +160,23 @@ def get(key: str) -> Weights:
   return MANIFEST[key]
 
 
+def _digests(stream, copy_to=None) -> tuple[str, str, int]:
+  """(sha256, md5, size in bytes) of what ``stream`` reads, in one pass (also written to
+  ``copy_to``, a download's temporary file)."""
+  sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+  for chunk in iter(lambda: stream.read(1 << 20), b''):
+    if copy_to is not None:
+      copy_to.write(chunk)
+    sha.update(chunk)
+    md5.update(chunk)
+    size += len(chunk)
+  return sha.hexdigest(), md5.hexdigest(), size
+
+
 def file_digests(path) -> tuple[str, str, int]:
   """(sha256, md5, size in bytes) of the file at ``path``, in one read."""
-  sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
   with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      sha.update(chunk)
-      md5.update(chunk)
-      size += len(chunk)
-  return sha.hexdigest(), md5.hexdigest(), size
+    return _digests(f)
 
 
 def _matches(entry: Weights, sha256: str, md5: str, size: int) -> bool | None:
@@ -242,22 +250,16 @@ def download(key_or_entry: str | Weights, cache_dir: str | None = None, *,
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.{entry.file_name}.', suffix='.part')
   try:
-    sha, md5, size = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
     with os.fdopen(fd, 'wb') as out:
       try:
         with urllib.request.urlopen(entry.url, timeout=timeout) as response:
-          for chunk in iter(lambda: response.read(1 << 20), b''):
-            out.write(chunk)
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
+          digests = _digests(response, copy_to=out)
       except urllib.error.HTTPError as e:
         raise WeightsDownloadError(f'{entry.url}: HTTP {e.code} {e.reason} (manifest entry '
                                    f'{entry.key})') from None
       except (urllib.error.URLError, OSError) as e:
         raise WeightsDownloadError(f'{entry.url}: {getattr(e, "reason", e)} (manifest entry '
                                    f'{entry.key})') from None
-    digests = sha.hexdigest(), md5.hexdigest(), size
     if _matches(entry, *digests) is False:
       raise WeightsHashError(f'{entry.url} sent a file that is not the published {entry.key}: '
                              f'expected {_expected(entry)}, got {_actual(entry, *digests)}; '
