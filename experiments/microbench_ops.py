@@ -13,6 +13,10 @@ At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input
 - ResNeXt's 32-group 3x3 convolution as one grouped convolution and as the library's one
   convolution per group (``layers.grouped_conv_general_dilated`` on CPU): forward, input and
   weight gradients.
+
+With ``--model=NAME``, instead: every distinct convolution of that model's forward pass at
+``--size`` (batch 1), its weight gradient as XLA lowers it (with the transposes it adds) against
+one matmul per kernel tap (the custom-VJP candidate of BENCHMARKS.md section 7).
 """
 from __future__ import annotations
 
@@ -46,11 +50,20 @@ def _conv(x, w):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _wgrad_matmuls(x, dy):
-  h, w = dy.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.stack([jnp.stack([jnp.einsum('nhwi,nhwo->io', xp[:, i:i + h, j:j + w], dy)
-                               for j in range(3)]) for i in range(3)])
+def _wgrad_tapwise(x, dy, kernel_shape, strides=(1, 1), padding=((1, 1), (1, 1)),
+                   dilation=(1, 1)):
+  """The weight gradient of an NHWC/HWIO convolution as one matmul per kernel tap: the strided
+  input window under tap (i, j) contracted with the output gradient (a custom-VJP candidate,
+  measured and not adopted: BENCHMARKS.md sections 4 and 7)."""
+  kh, kw = kernel_shape[:2]
+  n, ho, wo, _ = dy.shape
+  (sh, sw), (dh, dw) = strides, dilation
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  taps = [jnp.einsum('nhwi,nhwo->io', lax.slice(
+      xp, (0, i * dh, j * dw, 0),
+      (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, x.shape[3]),
+      (1, sh, sw, 1)), dy) for i in range(kh) for j in range(kw)]
+  return jnp.stack(taps).reshape(kernel_shape)
 
 
 def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float]:
@@ -76,10 +89,11 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
   out['conv 3x3: input gradient ms'] = timed(
       lambda x, w, dy: jax.vjp(lambda x: _conv(x, w), x)[1](dy)[0], x, w, dy, iters=iters)
   out['conv 3x3: weight gradient (XLA) ms'] = timed(wgrad, x, w, dy, iters=iters)
-  out['conv 3x3: weight gradient (9 matmuls) ms'] = timed(_wgrad_matmuls, x, dy, iters=iters)
+  tapwise = lambda x, dy: _wgrad_tapwise(x, dy, w.shape)
+  out['conv 3x3: weight gradient (9 matmuls) ms'] = timed(tapwise, x, dy, iters=iters)
   ref = np.asarray(jax.jit(wgrad)(x, w, dy))
   out['conv 3x3: 9-matmul weight gradient, relative difference'] = float(
-      np.abs(np.asarray(jax.jit(_wgrad_matmuls)(x, dy)) - ref).max() / np.abs(ref).max())
+      np.abs(np.asarray(jax.jit(tapwise)(x, dy)) - ref).max() / np.abs(ref).max())
   groups = min(32, channels)
   wg = jnp.asarray(0.02 * rng.standard_normal((3, 3, channels // groups, channels)), jnp.float32)
   saved = layers.SPLIT_GROUPED_CONV_BACKENDS
@@ -102,12 +116,74 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
   return out
 
 
+def model_convs(name: str, size: int) -> dict[tuple, int]:
+  """{(input shape, kernel shape, strides, padding, dilation, groups): count} of the model's
+  2-D NHWC convolutions (a grouped one split per group on CPU counts once per group)."""
+  from refinenet_jax.models import create_model
+  seen: dict[tuple, int] = {}
+  real = lax.conv_general_dilated
+
+  def record(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, **kwargs):
+    if isinstance(padding, str):
+      window = [(k - 1) * d + 1 for k, d in zip(rhs.shape[:2], rhs_dilation or (1, 1))]
+      padding = lax.padtype_to_pads(lhs.shape[1:3], window, window_strides, padding)
+    key = (lhs.shape, rhs.shape, tuple(window_strides), tuple(tuple(p) for p in padding),
+           tuple(rhs_dilation or (1, 1)), feature_group_count)
+    if tuple(lhs_dilation or (1, 1)) == (1, 1):
+      seen[key] = seen.get(key, 0) + 1
+    return real(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, **kwargs)
+
+  model = create_model(name, 21)
+  x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  lax.conv_general_dilated = record
+  try:
+    jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  finally:
+    lax.conv_general_dilated = real
+  return seen
+
+
+def wgrad_by_shape(name: str, size: int, iters: int) -> list[dict]:
+  """Per distinct convolution: ms of the weight gradient, XLA's lowering vs tap-wise."""
+  rows = []
+  rng = np.random.default_rng(0)
+  for (xs, ws, strides, padding, dilation, groups), count in model_convs(name, size).items():
+    x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+    w = jnp.asarray(0.01 * rng.standard_normal(ws), jnp.float32)
+    conv = lambda x, w: lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    dy = jnp.asarray(rng.standard_normal(jax.eval_shape(conv, x, w).shape), jnp.float32)
+    xla = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
+    tapwise = lambda x, w, dy: _wgrad_tapwise(x, dy, w.shape, strides, padding, dilation)
+    row = {'input': xs, 'kernel': ws, 'strides': strides, 'dilation': dilation, 'count': count}
+    if groups == 1:
+      row['xla ms'] = timed(xla, x, w, dy, iters=iters)
+      row['tap-wise ms'] = timed(tapwise, x, w, dy, iters=iters)
+    rows.append(row)
+  return rows
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--size', type=int, default=128)
   p.add_argument('--channels', type=int, default=256)
   p.add_argument('--iters', type=int, default=3)
+  p.add_argument('--model', default='', help='time each convolution of this model instead')
   a = p.parse_args(argv)
+  if a.model:
+    print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, {a.model} at {a.size}x{a.size}')
+    total = {'xla ms': 0.0, 'tap-wise ms': 0.0}
+    for r in wgrad_by_shape(a.model, a.size, a.iters):
+      for k in total:
+        total[k] += r.get(k, 0.0) * r['count']
+      print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
+                     for k, v in r.items()))
+    print('weight gradients, all convolutions x count: ' + ', '.join(
+        f'{k} {v:.0f}' for k, v in total.items()))
+    return
   print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
         f'1x{a.size}x{a.size}x{a.channels} float32')
   for k, v in run(a.size, a.channels, a.iters).items():
