@@ -225,6 +225,7 @@ def run(model_name: str, *, size=(512, 512), batch: int = 1, dtype: str = 'float
       'backend': jax.default_backend(), 'device_kind': device.device_kind,
       'num_devices': s.mesh.size, 'process_count': jax.process_count(),
       'host_cpus': os.cpu_count(), 'jax_version': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'compilation_cache': bool(jax.config.jax_compilation_cache_dir),
       'lower_s': lower_s, 'compile_s': compile_s,
       'warmup': warmup, 'iters': iters, 'repeats': repeats,

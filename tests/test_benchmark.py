@@ -59,6 +59,7 @@ def test_records_are_complete_json(records):
     mem = r['memory_per_device']
     assert mem['total_bytes'] > 0 and mem['peak_bytes_in_use'] is None  # CPU: no stats
     assert r['params'] > 0 and r['aux_heads'] == 0
+    assert r['xla_flags'] == os.environ.get('XLA_FLAGS', '')  # what the process ran with
 
 
 def test_flops_count_the_global_step(records):
