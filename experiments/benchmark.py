@@ -361,6 +361,7 @@ def main(argv=None):
   t.add_argument('--torch_channels_last', type=int, default=1,
                  help='1: channels_last memory format (faster eager convolutions on CPU)')
   a = p.parse_args(argv)
+  hardware.set_cpu_xla_flags()  # what the CLI runs with (records carry `xla_flags`)
 
   models = _csv(a.models)
   if a.list:

@@ -23,13 +23,12 @@ filters the reference initialises them with and never trains, which the JAX mode
 import argparse
 import collections
 import os
-import sys
 
 import numpy as np
 import torch
 
 # the reference loaders shared with the benchmark
-from experiments.torch_reference import _commit, _drsleep as _import_reference
+from experiments.torch_reference import _commit, _drsleep as _import_reference, _torchfcn
 from refinenet_jax.testing import synthetic_state_dict
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests', 'fixtures')
@@ -54,29 +53,13 @@ def make_parity(repo, ctor, out_name, seed, num_classes=21):
         'max|logit|', float(np.abs(logits).max()))
 
 
-def _import_torchfcn(repo):
-  """wkentaro's ``torchfcn.models`` without running the package ``__init__`` (which pulls in
-  its trainer's dependencies); ``fcn`` (a download helper) is stubbed when not installed."""
-  import importlib  # noqa: PLC0415
-  import importlib.util  # noqa: PLC0415
-  import types  # noqa: PLC0415
-  if importlib.util.find_spec('fcn') is None:
-    sys.modules['fcn'] = types.ModuleType('fcn')
-  pkg = types.ModuleType('torchfcn')
-  pkg.__path__ = [os.path.join(repo, 'torchfcn')]
-  sys.modules['torchfcn'] = pkg
-  return importlib.import_module('torchfcn.models.fcn32s'), importlib.import_module(
-      'torchfcn.models.fcn16s'), importlib.import_module('torchfcn.models.fcn8s')
-
-
 FCN_INPUT_SHAPE = (1, 3, 45, 61)  # NCHW, odd sides
 
 
 def make_fcn_parity(repo, seed, num_classes=5, out_name='parity_fcn_vgg16.npz'):
-  m32, m16, m8 = _import_torchfcn(repo)
-  ctors = [m32.FCN32s, m16.FCN16s, m8.FCN8s, m8.FCN8sAtOnce]
+  ctors = [_torchfcn(repo, name) for name in ('FCN32s', 'FCN16s', 'FCN8s', 'FCN8sAtOnce')]
   # FCN8s's non-upscore keys are a superset of the others': one weight set serves all four
-  keys = [(k, tuple(v.shape)) for k, v in m8.FCN8s(num_classes).state_dict().items()
+  keys = [(k, tuple(v.shape)) for k, v in ctors[2](num_classes).state_dict().items()
           if not k.startswith('upscore')]
   sd = synthetic_state_dict(keys, seed)
   # BGR 0..255 minus the mean: the range the Caffe weights are fed

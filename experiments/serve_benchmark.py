@@ -51,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 
@@ -143,21 +142,11 @@ def _child_onnx(spec):
                         'providers': session.get_providers()}, 'first run'
 
 
-def _torchfcn_needs_no_torchvision():
-  # torchfcn/models/vgg.py imports torchvision only to build VGG16 for its pretrained weights;
-  # FCN8s itself is plain torch. The CPU torch wheel here has no matching torchvision.
-  try:
-    import torchvision  # noqa: F401
-  except ImportError:
-    sys.modules['torchvision'] = types.ModuleType('torchvision')
-
-
 def _child_torch(spec, build_only=False):
   t_import = time.time()
   import torch
   import torch.nn.functional as F
   torch_reference = _torch_reference()
-  _torchfcn_needs_no_torchvision()
   phases = {'import_s': time.time() - t_import}
   torch.set_num_threads(spec['threads'])
   t0 = time.time()

@@ -94,18 +94,17 @@ def _drsleep(repo: str, ctor: str):
 
 
 def _torchfcn(repo: str, ctor: str):
-  # torchfcn/__init__ pulls in its trainer and datasets; load only the models subpackage.
-  # The `fcn` package it imports is used only to download weights.
+  # torchfcn/__init__ pulls in its trainer and datasets, and models/__init__ its VGG16 (which
+  # needs torchvision): the models folder is registered as an empty package and only the module
+  # that defines ``ctor`` is loaded. The `fcn` package it imports only downloads weights.
   if 'fcn' not in sys.modules and importlib.util.find_spec('fcn') is None:
     sys.modules['fcn'] = types.ModuleType('fcn')
-  if 'torchfcn_models' not in sys.modules:
-    folder = os.path.join(repo, 'torchfcn', 'models')
-    spec = importlib.util.spec_from_file_location(
-        'torchfcn_models', os.path.join(folder, '__init__.py'),
-        submodule_search_locations=[folder])
-    sys.modules['torchfcn_models'] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sys.modules['torchfcn_models'])
-  return getattr(sys.modules['torchfcn_models'], ctor)
+  for mod in [m for m in sys.modules if m.split('.')[0] == 'torchfcn_models']:
+    del sys.modules[mod]
+  sys.modules['torchfcn_models'] = types.ModuleType('torchfcn_models')
+  sys.modules['torchfcn_models'].__path__ = [os.path.join(repo, 'torchfcn', 'models')]
+  module = importlib.import_module('torchfcn_models.' + ctor.lower().removesuffix('atonce'))
+  return getattr(module, ctor)
 
 
 def build(name: str, repos: dict, num_classes: int):

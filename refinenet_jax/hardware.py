@@ -1,4 +1,4 @@
-"""Published per-chip specs of accelerators: peak FLOP/s, HBM capacity and bandwidth.
+"""Published per-chip specs of accelerators, and the XLA:CPU flags measured per CPU.
 
 Used for MFU (experiments/benchmark.py) and for the dry run's memory check and roofline
 (refinenet_jax/dryrun.py). Numbers are the vendors' own, per chip, dense (no sparsity); units
@@ -8,6 +8,8 @@ separate JAX devices (TPU v3, v4 without megacore) shares these numbers among th
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 
 GB, GIB = 10**9, 2**30
 
@@ -59,3 +61,57 @@ def chip_for(device_kind: str) -> Chip | None:
     if any(kind.lower() in device_kind.lower() for kind in chip.kinds):
       return chip
   return None
+
+
+# XLA:CPU sends every convolution and its gradients to YNNPACK by default; this flag sends them to
+# XLA's Eigen convolutions instead. BENCHMARKS.md section 7: with jax 0.12 Eigen trained
+# RefineNet-101, LW-RefineNet-50 and FCN-8s 1.2-2.5x faster on an AVX2 and an AVX-512 EPYC, and
+# ran their inference faster or (FCN-8s on AVX2) as fast. It is set only where that was measured: the flag is experimental (XLA aborts at start-up
+# on a flag it does not know, so another jax line is left alone), and CPUs with AMX and non-x86
+# CPUs were not measured.
+CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+CPU_CONV_JAX = '0.12.'
+
+
+def cpu_xla_flags(xla_flags: str, jax_version: str, machine: str,
+                  cpu_flags: frozenset | None) -> str:
+  """``xla_flags`` with CPU_CONV_FLAG added where it was measured faster, else unchanged.
+
+  A user's own ``xla_cpu_experimental_ynn_fusion_type`` wins; ``cpu_flags`` None (unknown CPU
+  features) counts as unmeasured.
+  """
+  if ('xla_cpu_experimental_ynn_fusion_type' in xla_flags
+      or not jax_version.startswith(CPU_CONV_JAX) or machine.lower() not in ('x86_64', 'amd64')
+      or cpu_flags is None or 'amx_tile' in cpu_flags):
+    return xla_flags
+  return f'{xla_flags} {CPU_CONV_FLAG}'.strip()
+
+
+def _linux_cpu_flags() -> frozenset | None:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          return frozenset(line.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return None
+
+
+def set_cpu_xla_flags(environ=os.environ) -> bool:
+  """Puts ``cpu_xla_flags`` into ``environ['XLA_FLAGS']``; True if that changed it.
+
+  For entry points (the CLI, the benchmark; a notebook's first cell): XLA reads the variable
+  once, when JAX starts its first backend, so after that nothing is changed (a changed variable
+  would misreport what runs).
+  """
+  import jax  # noqa: PLC0415  (this module is otherwise plain data)
+  from jax._src import xla_bridge  # noqa: PLC0415
+  if xla_bridge.backends_are_initialized():
+    return False
+  old = environ.get('XLA_FLAGS', '')
+  new = cpu_xla_flags(old, jax.__version__, platform.machine(), _linux_cpu_flags())
+  if new == old:
+    return False
+  environ['XLA_FLAGS'] = new
+  return True

@@ -10,13 +10,14 @@ Multi-host: run the same command on every host; ``jax.distributed.initialize()``
 cluster from the environment (TPU pods, SLURM) or from --coordinator/--num_processes/--process_id.
 """
 import functools
+import os
 import sys
 
 import jax
 import tensorflow_datasets as tfds
 from absl import app, flags
 
-from refinenet_jax import config_flag, console, train
+from refinenet_jax import config_flag, console, hardware, train
 
 _CONFIG = config_flag.define('config', 'experiment config file')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'directory for checkpoints, metrics and logs')
@@ -40,6 +41,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
+  if hardware.set_cpu_xla_flags():  # before anything starts a JAX backend
+    print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]} (XLA:CPU convolutions on Eigen: faster with '
+          'this jax on this CPU, BENCHMARKS.md section 7; your own ynn_fusion_type wins)')
   if _DISTRIBUTED.value or _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)

@@ -208,6 +208,30 @@ def test_drsleep_loader_imports_from_the_checkout_without_sys_path(tmp_path, mon
       del sys.modules[mod]
 
 
+def test_torchfcn_loader_loads_only_the_model_module(tmp_path, monkeypatch):
+  # wkentaro's layout: models/__init__ also imports vgg.py, which needs torchvision; the
+  # loader must not run it, and fcn8s.py defines both FCN8s and FCN8sAtOnce
+  for name, tag in (('a', 'first'), ('b', 'second')):
+    models = tmp_path / name / 'torchfcn' / 'models'
+    models.mkdir(parents=True)
+    (models / '__init__.py').write_text('raise ImportError("torchvision")\n')
+    (models / 'fcn32s.py').write_text('import fcn\n\n\ndef get_upsampling_weight():\n'
+                                      f'  return {tag!r}\n')
+    (models / 'fcn8s.py').write_text(
+        'from .fcn32s import get_upsampling_weight\n\n\nclass FCN8s:\n  TAG = '
+        'get_upsampling_weight()\n\n\nclass FCN8sAtOnce(FCN8s):\n  pass\n')
+  for mod in [m for m in sys.modules if m.split('.')[0] in ('torchfcn_models', 'fcn')]:
+    monkeypatch.delitem(sys.modules, mod)
+  try:
+    assert torch_reference._torchfcn(str(tmp_path / 'a'), 'FCN8sAtOnce').TAG == 'first'
+    assert torch_reference._torchfcn(str(tmp_path / 'a'), 'FCN8s').__name__ == 'FCN8s'
+    # a second checkout replaces the first one's modules
+    assert torch_reference._torchfcn(str(tmp_path / 'b'), 'FCN8s').TAG == 'second'
+  finally:
+    for mod in [m for m in sys.modules if m.split('.')[0] in ('torchfcn_models', 'fcn')]:
+      del sys.modules[mod]
+
+
 def test_attach_torch_ratio():
   base = {'model': 'm', 'mode': 'train', 'dtype': 'float32', 'batch': 2, 'size': [8, 8]}
   jax_rec = dict(base, images_per_s={'median': 2.0})
