@@ -82,27 +82,30 @@ def _commit(repo: str) -> str:
     return 'unknown'
 
 
+def _checkout_package(name: str, folder: str):
+  """``folder`` of a reference checkout as the empty package ``name`` (its ``__init__`` is not
+  run), replacing the modules an earlier checkout registered under that name."""
+  for mod in [m for m in sys.modules if m.split('.')[0] == name]:
+    del sys.modules[mod]
+  sys.modules[name] = types.ModuleType(name)
+  sys.modules[name].__path__ = [folder]
+
+
 def _drsleep(repo: str, ctor: str):
   # Both DrSleep repositories have top-level `models` and `utils` packages (models/resnet.py
   # imports `utils.*`): they are registered as packages rooted in ``repo``, not found on sys.path.
-  for mod in [m for m in sys.modules if m.split('.')[0] in ('models', 'utils')]:
-    del sys.modules[mod]
   for pkg in ('models', 'utils'):
-    sys.modules[pkg] = types.ModuleType(pkg)
-    sys.modules[pkg].__path__ = [os.path.join(repo, pkg)]
+    _checkout_package(pkg, os.path.join(repo, pkg))
   return getattr(importlib.import_module('models.resnet'), ctor)
 
 
 def _torchfcn(repo: str, ctor: str):
   # torchfcn/__init__ pulls in its trainer and datasets, and models/__init__ its VGG16 (which
-  # needs torchvision): the models folder is registered as an empty package and only the module
-  # that defines ``ctor`` is loaded. The `fcn` package it imports only downloads weights.
+  # needs torchvision): only the module that defines ``ctor`` is loaded. The `fcn` package it
+  # imports only downloads weights.
   if 'fcn' not in sys.modules and importlib.util.find_spec('fcn') is None:
     sys.modules['fcn'] = types.ModuleType('fcn')
-  for mod in [m for m in sys.modules if m.split('.')[0] == 'torchfcn_models']:
-    del sys.modules[mod]
-  sys.modules['torchfcn_models'] = types.ModuleType('torchfcn_models')
-  sys.modules['torchfcn_models'].__path__ = [os.path.join(repo, 'torchfcn', 'models')]
+  _checkout_package('torchfcn_models', os.path.join(repo, 'torchfcn', 'models'))
   module = importlib.import_module('torchfcn_models.' + ctor.lower().removesuffix('atonce'))
   return getattr(module, ctor)
 

@@ -1,8 +1,9 @@
 """Published per-chip specs of accelerators, and the XLA:CPU flags measured per CPU.
 
 Used for MFU (experiments/benchmark.py) and for the dry run's memory check and roofline
-(refinenet_jax/dryrun.py). Numbers are the vendors' own, per chip, dense (no sparsity); units
-as published (GB = 1e9 bytes, GiB = 2**30 bytes). A chip whose TensorCores show up as
+(refinenet_jax/dryrun.py); the CLI and the benchmark call ``set_cpu_xla_flags``. Numbers are
+the vendors' own, per chip, dense (no sparsity); units as published (GB = 1e9 bytes, GiB =
+2**30 bytes). A chip whose TensorCores show up as
 separate JAX devices (TPU v3, v4 without megacore) shares these numbers among them.
 """
 from __future__ import annotations
@@ -66,9 +67,9 @@ def chip_for(device_kind: str) -> Chip | None:
 # XLA:CPU sends every convolution and its gradients to YNNPACK by default; this flag sends them to
 # XLA's Eigen convolutions instead. BENCHMARKS.md section 7: with jax 0.12 Eigen trained
 # RefineNet-101, LW-RefineNet-50 and FCN-8s 1.2-2.5x faster on an AVX2 and an AVX-512 EPYC, and
-# ran their inference faster or (FCN-8s on AVX2) as fast. It is set only where that was measured: the flag is experimental (XLA aborts at start-up
-# on a flag it does not know, so another jax line is left alone), and CPUs with AMX and non-x86
-# CPUs were not measured.
+# ran their inference faster or (FCN-8s on AVX2) as fast. It is set only where that was
+# measured: the flag is experimental (XLA aborts at start-up on a flag it does not know, so
+# another jax line is left alone), and CPUs with AMX and non-x86 CPUs were not measured.
 CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 CPU_CONV_JAX = '0.12.'
 
