@@ -361,7 +361,9 @@ def main(argv=None):
   t.add_argument('--torch_channels_last', type=int, default=1,
                  help='1: channels_last memory format (faster eager convolutions on CPU)')
   a = p.parse_args(argv)
-  hardware.set_cpu_xla_flags()  # what the CLI runs with (records carry `xla_flags`)
+  # what the CLI runs with (records carry `xla_flags`); a run that trains gets the training
+  # flags for its inference too, as the CLI's training run does for its evaluations
+  hardware.set_cpu_xla_flags(inference_only='train' not in a.modes)
 
   models = _csv(a.models)
   if a.list:
@@ -434,6 +436,7 @@ def main(argv=None):
     if 'profile' in r:
       print(f'\n{r["model"]} {r["mode"]} {r["dtype"]} {r["parallel"]}: per step and device, '
             'summed instruction time (op_profile.py)')
+      print(op_profile.coverage(r['profile'], r['step_s']['median']))
       for key in ('phase', 'component', 'phase_primitive'):
         print('\n' + op_profile.table(r['profile'], key))
   return records

@@ -4,12 +4,13 @@
 
 At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input):
 - the chained residual pooling's 5x5 stride-1 max pool, forward and forward + gradient, as one
-  2-D window (``flax.linen.max_pool``) and as the library's W-then-H pair of 1-D windows
-  (``layers.max_pool``), with the largest gradient difference on tie-heavy inputs (0 = the same
-  choice among tied maxima);
+  2-D window (``flax.linen.max_pool``) and as a W-then-H pair of 1-D windows, with XLA's
+  gradient and with ``layers.window_max_1d``'s (the library's on CPU), and the largest
+  gradient difference on tie-heavy inputs (rounding only = the same choice among tied maxima);
 - a 3x3 same-padding convolution: forward, input gradient, weight gradient as XLA lowers it, and
   the weight gradient written as nine matmuls over shifted inputs (a custom-VJP candidate that
-  was measured and not adopted, BENCHMARKS.md section 4);
+  was measured and not adopted, BENCHMARKS.md section 4); the same three with the arrays in
+  NCHW/OIHW (PyTorch's layouts) instead of the library's NHWC/HWIO;
 - ResNeXt's 32-group 3x3 convolution as one grouped convolution and as the library's one
   convolution per group (``layers.grouped_conv_general_dilated`` on CPU): forward, input and
   weight gradients.
@@ -17,6 +18,11 @@ At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input
 With ``--model=NAME``, instead: every distinct convolution of that model's forward pass at
 ``--size`` (batch 1), its weight gradient as XLA lowers it (with the transposes it adds) against
 one matmul per kernel tap (the custom-VJP candidate of BENCHMARKS.md section 7).
+
+With ``--fc6``, instead: FCN-8s's fc6 (a 7x7 valid convolution, 512 -> 4096, on pool5 at
+``--size``) as XLA's convolution against one matmul over its patches (the input windows
+concatenated tap by tap, so the HWIO kernel reshapes to a matrix without a copy): forward,
+and forward + both gradients.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from refinenet_jax import hardware
 from refinenet_jax.models import layers
 
 
@@ -74,7 +81,10 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
   w = jnp.asarray(0.02 * rng.standard_normal((3, 3, channels, channels)), jnp.float32)
   ties = jnp.asarray(rng.integers(0, 4, shape), jnp.float32)
   pools = {'2-D window': lambda v: nn.max_pool(v, (5, 5), padding=((2, 2), (2, 2))),
-           'W then H': lambda v: layers.max_pool_same(v, 5)}
+           'W then H, XLA gradient': lambda v: layers._window_max_1d(
+               layers._window_max_1d(v, 2, 5, 1, (2, 2)), 1, 5, 1, (2, 2)),
+           'W then H, shifted-compare gradient': lambda v: layers.window_max_1d(
+               layers.window_max_1d(v, 2, 5, 1, (2, 2)), 1, 5, 1, (2, 2))}
   out = {}
   grads = {}
   for name, pool in pools.items():
@@ -82,8 +92,9 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
     out[f'max pool 5x5, {name}: forward ms'] = timed(pool, x, iters=iters)
     out[f'max pool 5x5, {name}: forward + gradient ms'] = timed(grad, x, iters=iters)
     grads[name] = np.asarray(jax.jit(grad)(ties))
-  out['max pool: largest gradient difference at ties'] = float(
-      np.abs(grads['2-D window'] - grads['W then H']).max())
+  for name in list(pools)[1:]:
+    out[f'max pool, {name}: largest gradient difference at ties'] = float(
+        np.abs(grads['2-D window'] - grads[name]).max())
   wgrad = lambda x, w, dy: jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0]
   out['conv 3x3: forward ms'] = timed(_conv, x, w, iters=iters)
   out['conv 3x3: input gradient ms'] = timed(
@@ -92,6 +103,18 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
   tapwise = lambda x, dy: _wgrad_tapwise(x, dy, w.shape)
   out['conv 3x3: weight gradient (9 matmuls) ms'] = timed(tapwise, x, dy, iters=iters)
   ref = np.asarray(jax.jit(wgrad)(x, w, dy))
+  # the same convolution with its arrays in PyTorch's layouts (XLA picks the physical layout)
+  nchw = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                               dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+  xc, wc, dyc = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), dy.transpose(0, 3, 1, 2)
+  out['conv 3x3, NCHW/OIHW: forward ms'] = timed(nchw, xc, wc, iters=iters)
+  out['conv 3x3, NCHW/OIHW: input gradient ms'] = timed(
+      lambda x, w, dy: jax.vjp(lambda x: nchw(x, w), x)[1](dy)[0], xc, wc, dyc, iters=iters)
+  wgrad_nchw = lambda x, w, dy: jax.vjp(lambda w: nchw(x, w), w)[1](dy)[0]
+  out['conv 3x3, NCHW/OIHW: weight gradient ms'] = timed(wgrad_nchw, xc, wc, dyc, iters=iters)
+  out['conv 3x3, NCHW/OIHW vs NHWC/HWIO: weight gradient relative difference'] = float(
+      np.abs(np.asarray(jax.jit(wgrad_nchw)(xc, wc, dyc)).transpose(2, 3, 1, 0) - ref).max()
+      / np.abs(ref).max())
   out['conv 3x3: 9-matmul weight gradient, relative difference'] = float(
       np.abs(np.asarray(jax.jit(tapwise)(x, dy)) - ref).max() / np.abs(ref).max())
   groups = min(32, channels)
@@ -166,13 +189,53 @@ def wgrad_by_shape(name: str, size: int, iters: int) -> list[dict]:
   return rows
 
 
+def _valid_conv_as_matmul(x, w):
+  """A stride-1 valid NHWC/HWIO convolution as one matmul over its patches."""
+  kh, kw, cin, cout = w.shape
+  n, h, wd, _ = x.shape
+  ho, wo = h - kh + 1, wd - kw + 1
+  patches = jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)],
+                            axis=-1)
+  return jnp.dot(patches, w.reshape(kh * kw * cin, cout))
+
+
+def fc6_shapes(size: int) -> tuple[tuple, tuple]:
+  """(input, kernel) shapes of FCN-8s's fc6 for a ``size`` x ``size`` image."""
+  (xs, ws, *_), = [k for k in model_convs('fcn8s', size) if k[1][:2] == (7, 7)]
+  return xs, ws
+
+
+def conv_vs_matmul(xs: tuple, ws: tuple, iters: int) -> dict:
+  """A valid convolution of these shapes: XLA's convolution vs one matmul over patches."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+  w = jnp.asarray(0.01 * rng.standard_normal(ws), jnp.float32)
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'VALID',
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  dy = jnp.asarray(rng.standard_normal(jax.eval_shape(conv, x, w).shape), jnp.float32)
+  out = {'input': xs, 'kernel': ws}
+  results = {}
+  for name, fn in (('convolution', conv), ('matmul over patches', _valid_conv_as_matmul)):
+    grads = lambda x, w, dy, fn=fn: jax.vjp(fn, x, w)[1](dy)
+    out[f'{name}: forward ms'] = timed(fn, x, w, iters=iters)
+    out[f'{name}: forward + gradients ms'] = timed(grads, x, w, dy, iters=iters)
+    results[name] = [np.asarray(jax.jit(fn)(x, w)), *map(np.asarray, jax.jit(grads)(x, w, dy))]
+  for k, what in enumerate(('output', 'input gradient', 'weight gradient')):
+    ref, new = results['convolution'][k], results['matmul over patches'][k]
+    out[f'matmul vs convolution: {what}, relative difference'] = float(
+        np.abs(new - ref).max() / np.abs(ref).max())
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--size', type=int, default=128)
   p.add_argument('--channels', type=int, default=256)
   p.add_argument('--iters', type=int, default=3)
   p.add_argument('--model', default='', help='time each convolution of this model instead')
+  p.add_argument('--fc6', action='store_true', help="time FCN-8s's fc6 as a matmul instead")
   a = p.parse_args(argv)
+  hardware.set_cpu_xla_flags()  # the library's CPU defaults, as in benchmark.py
   if a.model:
     print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, {a.model} at {a.size}x{a.size}')
     total = {'xla ms': 0.0, 'tap-wise ms': 0.0}
@@ -184,10 +247,15 @@ def main(argv=None):
     print('weight gradients, all convolutions x count: ' + ', '.join(
         f'{k} {v:.0f}' for k, v in total.items()))
     return
-  print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
-        f'1x{a.size}x{a.size}x{a.channels} float32')
-  for k, v in run(a.size, a.channels, a.iters).items():
-    print(f'{k:<60s} {v:.4g}')
+  if a.fc6:
+    print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, fc6 at {a.size}x{a.size}')
+    results = conv_vs_matmul(*fc6_shapes(a.size), a.iters)
+  else:
+    print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, '
+          f'1x{a.size}x{a.size}x{a.channels} float32')
+    results = run(a.size, a.channels, a.iters)
+  for k, v in results.items():
+    print(f'{k:<60s} {v:.4g}' if isinstance(v, float) else f'{k:<60s} {v}')
 
 
 if __name__ == '__main__':

@@ -185,6 +185,22 @@ def breakdown(hlo_text: str, trace_dir: str, depth: int = 1, steps: int = 1) -> 
           **{k: dict(v.most_common()) for k, v in totals.items()}}
 
 
+def coverage(b: dict, wall_s: float) -> str:
+  """One line comparing the summed instruction time with the step's wall time.
+
+  A trace event times an instruction from its start until its thunk returns. XLA:CPU runs some
+  thunks asynchronously (on jax 0.12 its Eigen convolutions: the work goes to the intra-op
+  pool), so their events hold only the launch and the instructions running beside them absorb
+  the wait. A sum well below the wall time shows this, and then no share can be trusted."""
+  share = b['total_us'] / (1e6 * wall_s)
+  line = (f'summed instruction time {b["total_us"] / 1e3:.0f} ms per step against '
+          f'{1e3 * wall_s:.0f} ms wall ({100 * share:.0f}%)')
+  if share < 0.9:
+    line += ('; WARNING: the trace misses work that ran asynchronously (XLA:CPU Eigen '
+             'convolutions on jax 0.12): the breakdown below does not account for the step')
+  return line
+
+
 def table(b: dict, key: str, top: int = 12) -> str:
   """Markdown rows: name, ms per step, share of the summed instruction time; for 'phase' and
   'component' also the convolutions' GFLOP, their share and the rate they ran at."""

@@ -360,6 +360,8 @@ def main(argv=None):
   p.add_argument('--out', default='', help='write the JSON records here')
   p.add_argument('--markdown', action='store_true')
   a = p.parse_args(argv)
+  from refinenet_jax import hardware  # noqa: PLC0415
+  hardware.set_cpu_xla_flags(inference_only=True)  # as the CLI's predict; children inherit it
   if a.child:
     print(RECORD + json.dumps(child(json.loads(a.child))), flush=True)
     return None

@@ -41,7 +41,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   console.quiet_libraries()
-  if hardware.set_cpu_xla_flags():  # before anything starts a JAX backend
+  # before anything starts a JAX backend
+  if hardware.set_cpu_xla_flags(inference_only=_MODE.value != 'train'):
     print(f'XLA_FLAGS={os.environ["XLA_FLAGS"]} (XLA:CPU convolutions on Eigen: faster with '
           'this jax on this CPU, BENCHMARKS.md section 7; your own ynn_fusion_type wins)')
   if _DISTRIBUTED.value or _COORDINATOR.value:

@@ -57,19 +57,36 @@ def test_max_pool_pads_with_minus_infinity():
     ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet stem
     ((2, 2), (2, 2), ((0, 1), (0, 1))),  # FCN's ceil-rounded pool on odd sizes
 ])
-def test_separable_max_pool_matches_2d_pool_and_its_gradient_at_ties(window, strides, padding):
+@pytest.mark.parametrize('gradient', ['comparisons', 'xla'])
+def test_separable_max_pool_matches_2d_pool_and_its_gradient_at_ties(window, strides, padding,
+                                                                     gradient, monkeypatch):
+  from refinenet_jax.models import layers
+  if gradient == 'xla':
+    monkeypatch.setattr(layers, 'COMPARE_POOL_GRAD_BACKENDS', ())
   # Integer inputs in 0..3 tie in nearly every window, so a different choice among tied maxima
-  # would move whole upstream gradients (differences of order 1, not rounding).
+  # would move whole upstream gradients; integer cotangents make every sum exact.
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.integers(0, 4, (2, 13, 11, 3)), jnp.float32)
   ref_fn = lambda x: nn.max_pool(x, window, strides=strides, padding=padding)
   new_fn = lambda x: max_pool(x, window, strides, padding)
   y = new_fn(x)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_fn(x)))
-  dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+  dy = jnp.asarray(rng.integers(-50, 50, y.shape), jnp.float32)
   grad = lambda f: np.asarray(jax.vjp(f, x)[1](dy)[0])
-  np.testing.assert_allclose(grad(new_fn), grad(ref_fn), atol=1e-6)
+  np.testing.assert_array_equal(grad(new_fn), grad(ref_fn))
   assert np.count_nonzero(grad(new_fn)) < x.size  # one winner per window, not shared
+
+
+def test_max_pool_gradient_on_cpu_has_no_index_carrying_reduce_window(monkeypatch):
+  from refinenet_jax.models import layers
+  x = jnp.zeros((1, 16, 16, 4))
+  f = lambda x: jnp.sum(max_pool_same(x, 5) ** 2)
+
+  def reduce_windows():  # in XLA's optimised program; a new function each time: traced again
+    return jax.jit(jax.grad(lambda x: f(x))).lower(x).compile().as_text().count(' reduce-window(')
+  assert reduce_windows() == 2  # the forward's two 1-D windows; the gradient compares
+  monkeypatch.setattr(layers, 'COMPARE_POOL_GRAD_BACKENDS', ())
+  assert reduce_windows() > 2
 
 
 def test_grouped_conv_per_group_on_cpu_matches_one_grouped_conv(monkeypatch):

@@ -126,6 +126,16 @@ def test_breakdown_per_step_and_device(tmp_path):
   assert op_profile.table(b, 'hlo').splitlines()[0] == '| hlo | ms/step | time share |'
 
 
+def test_coverage_warns_when_the_trace_misses_part_of_the_step():
+  b = {'total_us': 900_000.0}
+  assert op_profile.coverage(b, 1.0) == (
+      'summed instruction time 900 ms per step against 1000 ms wall (90%)')
+  assert 'WARNING' not in op_profile.coverage(b, 0.6)  # two instructions at once: above 100%
+  line = op_profile.coverage(b, 2.0)
+  assert line.startswith('summed instruction time 900 ms per step against 2000 ms wall (45%)')
+  assert 'WARNING' in line and 'asynchronously' in line
+
+
 def test_breakdown_needs_a_trace(tmp_path):
   with pytest.raises(FileNotFoundError, match='trace.json.gz'):
     op_profile.breakdown(HLO, str(tmp_path))
@@ -136,7 +146,26 @@ def test_microbench_ops_small():
   out = microbench_ops.run(size=16, channels=4, iters=1)
   assert all(v > 0 for k, v in out.items() if k.endswith(' ms'))
   # the library's separable pool picks the same tied maximum as the 2-D window
-  assert out['max pool: largest gradient difference at ties'] < 1e-5
+  for name in ('W then H, XLA gradient', 'W then H, shifted-compare gradient'):
+    assert out[f'max pool, {name}: largest gradient difference at ties'] < 1e-5
   assert out['conv 3x3: 9-matmul weight gradient, relative difference'] < 1e-5
   assert out['conv 3x3, 4 groups, one conv per group: weight gradient ms'] > 0
   assert microbench_ops.layers.SPLIT_GROUPED_CONV_BACKENDS == ('cpu',)  # restored
+  # NCHW/OIHW computes the same weight gradient (transposed back to HWIO)
+  assert out['conv 3x3, NCHW/OIHW vs NHWC/HWIO: weight gradient relative difference'] < 1e-5
+  assert out['conv 3x3, NCHW/OIHW: weight gradient ms'] > 0
+
+
+def test_valid_conv_as_matmul_over_patches_matches_the_convolution():
+  from experiments import microbench_ops
+  out = microbench_ops.conv_vs_matmul((1, 9, 10, 3), (7, 7, 3, 5), iters=1)
+  assert out['kernel'] == (7, 7, 3, 5)
+  for what in ('output', 'input gradient', 'weight gradient'):
+    assert out[f'matmul vs convolution: {what}, relative difference'] < 1e-5
+  assert out['matmul over patches: forward + gradients ms'] > 0
+
+
+def test_fc6_shapes_are_pool5_and_the_7x7_kernel():
+  from experiments import microbench_ops
+  # 512 + 2 x 100 padding, five ceil-mode 2x2 pools: 712 -> 356 -> 178 -> 89 -> 45 -> 23
+  assert microbench_ops.fc6_shapes(512) == ((1, 23, 23, 512), (7, 7, 512, 4096))

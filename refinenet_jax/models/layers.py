@@ -101,6 +101,11 @@ def largest_size(sizes):
   raise ValueError(f'no input is the largest in both dimensions: {sizes}')
 
 
+# Platforms on which a separable max pool's gradient comes from window_max_1d's comparisons;
+# elsewhere XLA differentiates its reduce-windows (only XLA:CPU was measured).
+COMPARE_POOL_GRAD_BACKENDS = ('cpu',)
+
+
 def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
              padding: Sequence[tuple[int, int]]) -> jnp.ndarray:
   """NHWC max pool with -inf padding; overlapping windows as a pass along W, then one along H.
@@ -108,16 +113,62 @@ def max_pool(x: jnp.ndarray, window: Sequence[int], strides: Sequence[int],
   Max is separable, so the values are exactly those of one 2-D window, and pooling W first keeps
   the gradient's choice among tied maxima: the first in row-major order, as ``nn.max_pool`` and
   PyTorch pick. On XLA:CPU the CRP's 5x5 stride-1 pool runs 3x faster this way, 2.4x with its
-  gradient (BENCHMARKS.md section 4). Non-overlapping windows (stride >= window, FCN's
-  2x2/2) gain nothing from it and stay one 2-D window.
+  gradient (BENCHMARKS.md section 4), and faster still with ``window_max_1d``'s gradient
+  (section 7). Non-overlapping windows (stride >= window, FCN's 2x2/2) stay one 2-D window.
   """
-  def reduce(x, dims, strd, pad):
-    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *dims, 1), (1, *strd, 1),
-                             ((0, 0), *pad, (0, 0)))
   if all(s >= w for s, w in zip(strides, window)):
-    return reduce(x, window, strides, padding)
-  x = reduce(x, (1, window[1]), (1, strides[1]), ((0, 0), padding[1]))
-  return reduce(x, (window[0], 1), (strides[0], 1), (padding[0], (0, 0)))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1),
+                             ((0, 0), *padding, (0, 0)))
+  x = window_max_1d(x, 2, window[1], strides[1], tuple(padding[1]))
+  return window_max_1d(x, 1, window[0], strides[0], tuple(padding[0]))
+
+
+def _window_max_1d(x, axis: int, window: int, stride: int, pad: tuple[int, int]):
+  """Max over windows along one axis of x padded with -inf (XLA's reduce-window)."""
+  along = lambda v, rest: tuple(v if a == axis else rest for a in range(x.ndim))
+  return lax.reduce_window(x, -jnp.inf, lax.max, along(window, 1), along(stride, 1),
+                           along(tuple(pad), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def window_max_1d(x, axis: int, window: int, stride: int, pad: tuple[int, int]):
+  """``_window_max_1d``; on COMPARE_POOL_GRAD_BACKENDS its gradient goes to the first maximum of
+  each window found by one comparison per window tap. XLA:CPU's own gradient carries (value,
+  index) pairs through a reduce-window: slower, and more memory (BENCHMARKS.md section 7)."""
+  return _window_max_1d(x, axis, window, stride, pad)
+
+
+def _window_max_1d_fwd(x, axis, window, stride, pad):
+  y = _window_max_1d(x, axis, window, stride, pad)
+  return y, (x, y)
+
+
+def _window_max_1d_bwd(axis, window, stride, pad, res, dy):
+  def xla(x, y, dy):
+    return jax.vjp(lambda x: _window_max_1d(x, axis, window, stride, pad), x)[1](dy)[0]
+
+  def compare(x, y, dy):
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = pad
+    xp = jnp.pad(x, pads, constant_values=-jnp.inf)
+    n, length = y.shape[axis], xp.shape[axis]
+    zero = jnp.zeros((), dy.dtype)
+    taken = jnp.zeros(y.shape, bool)
+    dxp = jnp.zeros(xp.shape, dy.dtype)
+    for j in range(window):  # tap j of output i reads xp[i * stride + j]
+      end = j + (n - 1) * stride + 1
+      hit = (lax.slice_in_dim(xp, j, end, stride, axis) == y) & ~taken
+      taken = taken | hit
+      back = [(0, 0, 0)] * x.ndim
+      back[axis] = (j, length - end, stride - 1)
+      dxp = dxp + lax.pad(jnp.where(hit, dy, zero), zero, back)
+    return lax.slice_in_dim(dxp, pad[0], pad[0] + x.shape[axis], axis=axis)
+  # chosen here, not in the forward, so that inference programs hold no platform switch
+  return (lax.platform_dependent(*res, dy, default=xla,
+                                 **{p: compare for p in COMPARE_POOL_GRAD_BACKENDS}),)
+
+
+window_max_1d.defvjp(_window_max_1d_fwd, _window_max_1d_bwd)
 
 
 def max_pool_same(x: jnp.ndarray, window: int) -> jnp.ndarray:
