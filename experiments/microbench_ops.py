@@ -52,6 +52,19 @@ def timed(fn, *args, iters: int = 5) -> float:
   return 1e3 * statistics.median(times)
 
 
+def _relative(a, ref) -> float:
+  return float(np.abs(np.asarray(a) - ref).max() / np.abs(ref).max())
+
+
+def _conv_times(key: str, conv, x, w, dy, iters: int) -> dict[str, float]:
+  """ms of conv's forward, input gradient and weight gradient, keyed '{key}: ...' (the unused
+  gradient of each vjp is dead code that XLA drops)."""
+  grad = lambda argnum: lambda x, w, dy: jax.vjp(conv, x, w)[1](dy)[argnum]
+  return {f'{key}: forward ms': timed(conv, x, w, iters=iters),
+          f'{key}: input gradient ms': timed(grad(0), x, w, dy, iters=iters),
+          f'{key}: weight gradient ms': timed(grad(1), x, w, dy, iters=iters)}
+
+
 def _conv(x, w):
   return lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -96,27 +109,20 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
     out[f'max pool, {name}: largest gradient difference at ties'] = float(
         np.abs(grads['2-D window'] - grads[name]).max())
   wgrad = lambda x, w, dy: jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0]
-  out['conv 3x3: forward ms'] = timed(_conv, x, w, iters=iters)
-  out['conv 3x3: input gradient ms'] = timed(
-      lambda x, w, dy: jax.vjp(lambda x: _conv(x, w), x)[1](dy)[0], x, w, dy, iters=iters)
-  out['conv 3x3: weight gradient (XLA) ms'] = timed(wgrad, x, w, dy, iters=iters)
+  out.update(_conv_times('conv 3x3', _conv, x, w, dy, iters))
   tapwise = lambda x, dy: _wgrad_tapwise(x, dy, w.shape)
   out['conv 3x3: weight gradient (9 matmuls) ms'] = timed(tapwise, x, dy, iters=iters)
   ref = np.asarray(jax.jit(wgrad)(x, w, dy))
+  out['conv 3x3: 9-matmul weight gradient, relative difference'] = _relative(
+      jax.jit(tapwise)(x, dy), ref)
   # the same convolution with its arrays in PyTorch's layouts (XLA picks the physical layout)
   nchw = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                                dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
   xc, wc, dyc = x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), dy.transpose(0, 3, 1, 2)
-  out['conv 3x3, NCHW/OIHW: forward ms'] = timed(nchw, xc, wc, iters=iters)
-  out['conv 3x3, NCHW/OIHW: input gradient ms'] = timed(
-      lambda x, w, dy: jax.vjp(lambda x: nchw(x, w), x)[1](dy)[0], xc, wc, dyc, iters=iters)
-  wgrad_nchw = lambda x, w, dy: jax.vjp(lambda w: nchw(x, w), w)[1](dy)[0]
-  out['conv 3x3, NCHW/OIHW: weight gradient ms'] = timed(wgrad_nchw, xc, wc, dyc, iters=iters)
-  out['conv 3x3, NCHW/OIHW vs NHWC/HWIO: weight gradient relative difference'] = float(
-      np.abs(np.asarray(jax.jit(wgrad_nchw)(xc, wc, dyc)).transpose(2, 3, 1, 0) - ref).max()
-      / np.abs(ref).max())
-  out['conv 3x3: 9-matmul weight gradient, relative difference'] = float(
-      np.abs(np.asarray(jax.jit(tapwise)(x, dy)) - ref).max() / np.abs(ref).max())
+  out.update(_conv_times('conv 3x3, NCHW/OIHW', nchw, xc, wc, dyc, iters))
+  wgrad_nchw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: nchw(x, w), w)[1](dy)[0])
+  out['conv 3x3, NCHW/OIHW vs NHWC/HWIO: weight gradient relative difference'] = _relative(
+      np.asarray(wgrad_nchw(xc, wc, dyc)).transpose(2, 3, 1, 0), ref)
   groups = min(32, channels)
   wg = jnp.asarray(0.02 * rng.standard_normal((3, 3, channels // groups, channels)), jnp.float32)
   saved = layers.SPLIT_GROUPED_CONV_BACKENDS
@@ -128,12 +134,7 @@ def run(size: int = 128, channels: int = 256, iters: int = 3) -> dict[str, float
         return layers.grouped_conv_general_dilated(
             x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
             feature_group_count=groups)
-      key = f'conv 3x3, {groups} groups, {name}'
-      out[f'{key}: forward ms'] = timed(gconv, x, wg, iters=iters)
-      out[f'{key}: input gradient ms'] = timed(
-          lambda x, w, dy: jax.vjp(lambda x: gconv(x, w), x)[1](dy)[0], x, wg, dy, iters=iters)
-      out[f'{key}: weight gradient ms'] = timed(
-          lambda x, w, dy: jax.vjp(lambda w: gconv(x, w), w)[1](dy)[0], x, wg, dy, iters=iters)
+      out.update(_conv_times(f'conv 3x3, {groups} groups, {name}', gconv, x, wg, dy, iters))
   finally:
     layers.SPLIT_GROUPED_CONV_BACKENDS = saved
   return out
@@ -222,8 +223,7 @@ def conv_vs_matmul(xs: tuple, ws: tuple, iters: int) -> dict:
     results[name] = [np.asarray(jax.jit(fn)(x, w)), *map(np.asarray, jax.jit(grads)(x, w, dy))]
   for k, what in enumerate(('output', 'input gradient', 'weight gradient')):
     ref, new = results['convolution'][k], results['matmul over patches'][k]
-    out[f'matmul vs convolution: {what}, relative difference'] = float(
-        np.abs(new - ref).max() / np.abs(ref).max())
+    out[f'matmul vs convolution: {what}, relative difference'] = _relative(new, ref)
   return out
 
 
