@@ -34,7 +34,6 @@ import functools
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 import types
@@ -256,14 +255,7 @@ def run_torch(model_name: str, *, torch_python: str, repos: dict, inputs: dict, 
             'dtypes': list(dtypes), 'num_classes': num_classes, 'iters': iters,
             'repeats': repeats, 'warmup': warmup, 'threads': threads or os.cpu_count(),
             'channels_last': channels_last, 'device': device}
-    proc = subprocess.run([torch_python, torch_reference.__file__,
-                           json.dumps(spec)], capture_output=True, text=True)
-  if proc.returncode:
-    raise RuntimeError(f'PyTorch child for {model_name} failed (exit {proc.returncode}):\n'
-                       f'{proc.stderr[-3000:]}')
-  prefix = torch_reference.RECORD
-  return [json.loads(line[len(prefix):]) for line in proc.stdout.splitlines()
-          if line.startswith(prefix)]
+    return torch_reference.run_child(torch_python, spec, model_name)
 
 
 def attach_torch(records: list[dict], torch_records: list[dict]) -> None:

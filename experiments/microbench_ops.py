@@ -16,8 +16,11 @@ At the decoder's 1/4-resolution shape (1 x 128 x 128 x 256 for a 512 x 512 input
   weight gradients.
 
 With ``--model=NAME``, instead: every distinct convolution of that model's forward pass at
-``--size`` (batch 1), its weight gradient as XLA lowers it (with the transposes it adds) against
-one matmul per kernel tap (the custom-VJP candidate of BENCHMARKS.md section 7).
+``--size`` (batch 1): XLA's forward, input gradient and weight gradient (with the transposes it
+adds), the weight gradient as one matmul per kernel tap (the custom-VJP candidate of
+BENCHMARKS.md section 7), and with ``--torch_python`` the same three passes in PyTorch eager;
+then each column summed over the model (times each shape's count), to set against a whole
+train step.
 
 With ``--fc6``, instead: FCN-8s's fc6 (a 7x7 valid convolution, 512 -> 4096, on pool5 at
 ``--size``) as XLA's convolution against one matmul over its patches (the input windows
@@ -27,6 +30,7 @@ and forward + both gradients.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments import torch_reference  # no torch: the child process imports it
 from refinenet_jax import hardware
 from refinenet_jax.models import layers
 
@@ -169,25 +174,46 @@ def model_convs(name: str, size: int) -> dict[tuple, int]:
   return seen
 
 
-def wgrad_by_shape(name: str, size: int, iters: int) -> list[dict]:
-  """Per distinct convolution: ms of the weight gradient, XLA's lowering vs tap-wise."""
+def conv_times_by_shape(name: str, size: int, iters: int) -> list[dict]:
+  """Per distinct convolution of the model (its key in ``model_convs``, ``count`` and shapes):
+  ms of XLA's forward, input gradient and weight gradient, and of the weight gradient
+  tap-wise (ungrouped convolutions only)."""
   rows = []
   rng = np.random.default_rng(0)
-  for (xs, ws, strides, padding, dilation, groups), count in model_convs(name, size).items():
+  for key, count in model_convs(name, size).items():
+    xs, ws, strides, padding, dilation, groups = key
     x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
     w = jnp.asarray(0.01 * rng.standard_normal(ws), jnp.float32)
     conv = lambda x, w: lax.conv_general_dilated(
         x, w, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(conv, x, w).shape), jnp.float32)
-    xla = lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]
-    tapwise = lambda x, w, dy: _wgrad_tapwise(x, dy, w.shape, strides, padding, dilation)
-    row = {'input': xs, 'kernel': ws, 'strides': strides, 'dilation': dilation, 'count': count}
+    row = {'key': key, 'count': count, 'input': xs, 'kernel': ws, 'strides': strides,
+           'dilation': dilation, 'output': dy.shape, **{k.removeprefix('XLA: '): v for k, v in _conv_times(
+               'XLA', conv, x, w, dy, iters).items()}}
     if groups == 1:
-      row['xla ms'] = timed(xla, x, w, dy, iters=iters)
-      row['tap-wise ms'] = timed(tapwise, x, w, dy, iters=iters)
+      tapwise = lambda x, dy: _wgrad_tapwise(x, dy, w.shape, strides, padding, dilation)
+      row['tap-wise weight gradient ms'] = timed(tapwise, x, dy, iters=iters)
     rows.append(row)
   return rows
+
+
+def attach_torch_conv_times(rows: list[dict], torch_python: str, iters: int) -> None:
+  """Adds 'torch <pass>' to each row: the same convolution in PyTorch eager in a child process
+  (``experiments/torch_reference.conv_times``, as many threads as this process's CPUs)."""
+  spec = {'convs': [r['key'] for r in rows], 'iters': iters, 'threads': os.cpu_count()}
+  for row, t in zip(rows, torch_reference.run_child(torch_python, spec, 'convolutions'),
+                    strict=True):
+    if tuple(t.pop('output shape')) != row['output']:
+      raise RuntimeError(f'PyTorch computed another convolution for {row["key"]}')
+    row.update({f'torch {k}': v for k, v in t.items()})
+
+
+def totals(rows: list[dict]) -> dict[str, float]:
+  """Each timed column summed over the rows, times each row's count (the model's forward, its
+  input gradients and weight gradients if every convolution ran once per step)."""
+  cols = [k for k in rows[0] if k.endswith(' ms')] if rows else []
+  return {k: sum(r.get(k, 0.0) * r['count'] for r in rows) for k in cols}
 
 
 def _valid_conv_as_matmul(x, w):
@@ -233,19 +259,21 @@ def main(argv=None):
   p.add_argument('--channels', type=int, default=256)
   p.add_argument('--iters', type=int, default=3)
   p.add_argument('--model', default='', help='time each convolution of this model instead')
+  p.add_argument('--torch_python', default='',
+                 help='with --model: time the same convolutions in PyTorch eager too')
   p.add_argument('--fc6', action='store_true', help="time FCN-8s's fc6 as a matmul instead")
   a = p.parse_args(argv)
   hardware.set_cpu_xla_flags()  # the library's CPU defaults, as in benchmark.py
   if a.model:
     print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, {a.model} at {a.size}x{a.size}')
-    total = {'xla ms': 0.0, 'tap-wise ms': 0.0}
-    for r in wgrad_by_shape(a.model, a.size, a.iters):
-      for k in total:
-        total[k] += r.get(k, 0.0) * r['count']
+    rows = conv_times_by_shape(a.model, a.size, a.iters)
+    if a.torch_python:
+      attach_torch_conv_times(rows, a.torch_python, a.iters)
+    for r in rows:
       print(' '.join(f'{k}={v:.4g}' if isinstance(v, float) else f'{k}={v}'
-                     for k, v in r.items()))
-    print('weight gradients, all convolutions x count: ' + ', '.join(
-        f'{k} {v:.0f}' for k, v in total.items()))
+                     for k, v in r.items() if k != 'key'))
+    print('all convolutions x count, ms: ' + ', '.join(
+        f'{k.removesuffix(" ms")} {v:.0f}' for k, v in totals(rows).items()))
     return
   if a.fc6:
     print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, fc6 at {a.size}x{a.size}')

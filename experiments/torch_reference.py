@@ -1,6 +1,7 @@
 """PyTorch references of the registered architectures, timed in eager mode.
 
-Run by experiments/benchmark.py as a child process, by path under the torch interpreter
+Run by experiments/benchmark.py (whole models) and experiments/microbench_ops.py (single
+convolutions: a spec with ``convs``) as a child process, by path under the torch interpreter
 (``python .../torch_reference.py '<json spec>'``), so it needs only torch (+ torchvision for the
 torchvision models), numpy and the reference checkouts, never JAX or this library. Importable
 without torch: benchmark.py uses the registry to reject a name before starting the child.
@@ -68,6 +69,18 @@ def resolve(name: str):
       raise NoReference(why)
   raise KeyError(f'no PyTorch reference registered for {name!r}; known: '
                  f'{", ".join(sorted(REFERENCES))}')
+
+
+def run_child(torch_python: str, spec: dict, what: str) -> list[dict]:
+  """Runs this file under ``torch_python`` with ``spec``; returns the records it prints. Raises
+  if the child fails, with its stderr and ``what`` it was timing."""
+  proc = subprocess.run([torch_python, __file__, json.dumps(spec)], capture_output=True,
+                        text=True)
+  if proc.returncode:
+    raise RuntimeError(f'PyTorch child for {what} failed (exit {proc.returncode}):\n'
+                       f'{proc.stderr[-3000:]}')
+  return [json.loads(line[len(RECORD):]) for line in proc.stdout.splitlines()
+          if line.startswith(RECORD)]
 
 
 def _commit(repo: str) -> str:
@@ -229,6 +242,50 @@ def benchmark(spec: dict) -> list[dict]:
   return records
 
 
+def conv_times(spec: dict) -> list[dict]:
+  """ms (median of ``iters`` after one untimed call) of each convolution in ``spec['convs']``
+  (NHWC input shape, HWIO kernel shape, strides, ((top, bottom), (left, right)) padding,
+  dilation, groups): forward, input gradient and weight gradient, each the ATen call that eager
+  autograd makes, on channels-last tensors as the benchmark's models use; and the output
+  shape (NHWC), which says the padding was understood."""
+  import torch  # noqa: PLC0415
+  import torch.nn.functional as F  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  torch.set_num_threads(spec['threads'])
+  cl = torch.channels_last
+
+  def timed(fn):
+    fn()
+    times = []
+    for _ in range(spec['iters']):
+      t0 = time.perf_counter()
+      fn()
+      times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+  rows = []
+  for (n, h, w, _), (kh, kw, cin, cout), strides, ((pt, pb), (pl, pr)), dilation, groups in (
+      spec['convs']):
+    x = torch.randn(n, cin * groups, h, w).contiguous(memory_format=cl)
+    if (pt, pl) != (pb, pr):  # torch pads symmetrically: pad the input itself (rare; timed)
+      x = F.pad(x, (pl, pr, pt, pb)).contiguous(memory_format=cl)
+      pt = pl = 0
+    weight = (0.01 * torch.randn(cout, cin, kh, kw)).contiguous(memory_format=cl)
+    args = (list(strides), [pt, pl], list(dilation), False, [0, 0], groups)
+    with torch.no_grad():
+      y = F.conv2d(x, weight, None, *args[:3], groups)
+      dy = torch.randn_like(y).contiguous(memory_format=cl)
+      backward = lambda mask: torch.ops.aten.convolution_backward(
+          dy, x, weight, None, *args, mask)
+      rows.append({'output shape': [y.shape[0], *y.shape[2:], y.shape[1]],  # NHWC
+                   'forward ms': timed(lambda: F.conv2d(x, weight, None, *args[:3], groups)),
+                   'input gradient ms': timed(lambda: backward([True, False, False])),
+                   'weight gradient ms': timed(lambda: backward([False, True, False]))})
+  return rows
+
+
 if __name__ == '__main__':
-  for record in benchmark(json.loads(sys.argv[1])):
+  spec = json.loads(sys.argv[1])
+  for record in conv_times(spec) if 'convs' in spec else benchmark(spec):
     print(RECORD + json.dumps(record), flush=True)

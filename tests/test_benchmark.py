@@ -282,3 +282,27 @@ def test_side_by_side_cli(tmp_path):
   assert r['time_ratio_jax_over_torch'] == pytest.approx(
       r['torch']['images_per_s']['median'] / r['images_per_s']['median'])
   assert json.loads(out.read_text().splitlines()[0]) == r
+
+
+@needs_torch
+def test_torch_child_times_the_same_convolutions():
+  import jax.numpy as jnp
+  from jax import lax
+
+  from experiments import microbench_ops
+  keys = [((1, 9, 10, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), (1, 1), 1),
+          ((1, 9, 10, 4), (3, 3, 2, 6), (1, 1), ((2, 2), (2, 2)), (2, 2), 2),
+          ((1, 9, 10, 4), (2, 2, 4, 3), (1, 1), ((0, 1), (0, 1)), (1, 1), 1)]  # asymmetric
+  rows = []
+  for xs, ws, strides, padding, dilation, groups in keys:
+    out = lax.conv_general_dilated(
+        jnp.zeros(xs), jnp.zeros(ws), strides, padding, rhs_dilation=dilation,
+        feature_group_count=groups, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    rows.append({'key': (xs, ws, strides, padding, dilation, groups), 'output': out.shape})
+  microbench_ops.attach_torch_conv_times(rows, _torch_python(), iters=1)  # raises on a shape
+  for r in rows:
+    assert all(r[f'torch {k}'] > 0 for k in ('forward ms', 'input gradient ms',
+                                              'weight gradient ms'))
+  wrong = [dict(rows[0], output=(1, 9, 10, 6))]  # as if stride 2 had been dropped
+  with pytest.raises(RuntimeError, match='another convolution'):
+    microbench_ops.attach_torch_conv_times(wrong, _torch_python(), iters=1)

@@ -169,3 +169,24 @@ def test_fc6_shapes_are_pool5_and_the_7x7_kernel():
   from experiments import microbench_ops
   # 512 + 2 x 100 padding, five ceil-mode 2x2 pools: 712 -> 356 -> 178 -> 89 -> 45 -> 23
   assert microbench_ops.fc6_shapes(512) == ((1, 23, 23, 512), (7, 7, 512, 4096))
+
+
+def test_conv_times_by_shape_cover_every_convolution_once_per_use():
+  import jax
+  import jax.numpy as jnp
+
+  from experiments import microbench_ops
+  from refinenet_jax.models import create_model
+  rows = microbench_ops.conv_times_by_shape('fcn32s_tiny', 32, iters=1)
+  variables = jax.eval_shape(lambda: create_model('fcn32s_tiny', 21).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  kernels = [leaf for leaf in jax.tree_util.tree_leaves(variables) if leaf.ndim == 4]
+  assert sum(r['count'] for r in rows) == len(kernels) == 16  # VGG16's 13, fc6, fc7, score
+  assert len(rows) == 11  # distinct (input, kernel, stride, padding, dilation) shapes
+  assert {r['kernel'] for r in rows} == {k.shape for k in kernels}
+  assert rows[0]['output'] == (1, 230, 230, 4)  # conv1_1's 100-pixel padding
+  for r in rows:
+    assert all(r[k] > 0 for k in ('forward ms', 'input gradient ms', 'weight gradient ms',
+                                  'tap-wise weight gradient ms'))
+  totals = microbench_ops.totals(rows)
+  assert totals['forward ms'] == pytest.approx(sum(r['forward ms'] * r['count'] for r in rows))
