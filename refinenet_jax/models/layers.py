@@ -133,8 +133,9 @@ def _window_max_1d(x, axis: int, window: int, stride: int, pad: tuple[int, int])
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def window_max_1d(x, axis: int, window: int, stride: int, pad: tuple[int, int]):
   """``_window_max_1d``; on COMPARE_POOL_GRAD_BACKENDS its gradient goes to the first maximum of
-  each window found by one comparison per window tap. XLA:CPU's own gradient carries (value,
-  index) pairs through a reduce-window: slower, and more memory (BENCHMARKS.md section 7)."""
+  each window, found by one comparison per window tap and gathered back per input. XLA:CPU's own
+  gradient carries (value, index) pairs through a reduce-window and scatters: slower, and more
+  memory (BENCHMARKS.md section 7)."""
   return _window_max_1d(x, axis, window, stride, pad)
 
 
@@ -148,21 +149,29 @@ def _window_max_1d_bwd(axis, window, stride, pad, res, dy):
     return jax.vjp(lambda x: _window_max_1d(x, axis, window, stride, pad), x)[1](dy)[0]
 
   def compare(x, y, dy):
+    # the first tap of each window that holds its maximum, then each input gathers dy from the
+    # (at most window) outputs whose chosen tap it is: two fused passes, no scatter
     pads = [(0, 0)] * x.ndim
     pads[axis] = pad
     xp = jnp.pad(x, pads, constant_values=-jnp.inf)
-    n, length = y.shape[axis], xp.shape[axis]
-    zero = jnp.zeros((), dy.dtype)
-    taken = jnp.zeros(y.shape, bool)
-    dxp = jnp.zeros(xp.shape, dy.dtype)
-    for j in range(window):  # tap j of output i reads xp[i * stride + j]
-      end = j + (n - 1) * stride + 1
-      hit = (lax.slice_in_dim(xp, j, end, stride, axis) == y) & ~taken
-      taken = taken | hit
-      back = [(0, 0, 0)] * x.ndim
-      back[axis] = (j, length - end, stride - 1)
-      dxp = dxp + lax.pad(jnp.where(hit, dy, zero), zero, back)
-    return lax.slice_in_dim(dxp, pad[0], pad[0] + x.shape[axis], axis=axis)
+    n, length = y.shape[axis], x.shape[axis]
+    tap_dtype = jnp.int8 if window < 127 else jnp.int32
+    tap = jnp.full(y.shape, -1, tap_dtype)
+    for j in reversed(range(window)):  # output i's tap j reads xp[i * stride + j]
+      at_j = lax.slice_in_dim(xp, j, j + (n - 1) * stride + 1, stride, axis) == y
+      tap = jnp.where(at_j, jnp.asarray(j, tap_dtype), tap)
+    # outputs spread to stride spacing and padded: the output whose tap j is input k then sits
+    # at k + window - 1 - j + pad[0]
+    spread = [(0, 0, 0)] * x.ndim
+    spread[axis] = (window - 1, pad[0] + length - (n - 1) * stride - 1, stride - 1)
+    tap = lax.pad(tap, jnp.asarray(-1, tap_dtype), spread)
+    dy = lax.pad(dy, jnp.zeros((), dy.dtype), spread)
+    dx = jnp.zeros(x.shape, dy.dtype)
+    for j in range(window):
+      start = window - 1 - j + pad[0]
+      chose = lax.slice_in_dim(tap, start, start + length, axis=axis) == j
+      dx = dx + jnp.where(chose, lax.slice_in_dim(dy, start, start + length, axis=axis), 0)
+    return dx
   # chosen here, not in the forward, so that inference programs hold no platform switch
   return (lax.platform_dependent(*res, dy, default=xla,
                                  **{p: compare for p in COMPARE_POOL_GRAD_BACKENDS}),)
