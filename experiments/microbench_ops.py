@@ -188,9 +188,10 @@ def conv_times_by_shape(name: str, size: int, iters: int) -> list[dict]:
         x, w, strides, padding, rhs_dilation=dilation, feature_group_count=groups,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     dy = jnp.asarray(rng.standard_normal(jax.eval_shape(conv, x, w).shape), jnp.float32)
+    passes = _conv_times('XLA', conv, x, w, dy, iters)
     row = {'key': key, 'count': count, 'input': xs, 'kernel': ws, 'strides': strides,
-           'dilation': dilation, 'output': dy.shape, **{k.removeprefix('XLA: '): v for k, v in _conv_times(
-               'XLA', conv, x, w, dy, iters).items()}}
+           'dilation': dilation, 'output': dy.shape,
+           **{k.removeprefix('XLA: '): v for k, v in passes.items()}}
     if groups == 1:
       tapwise = lambda x, dy: _wgrad_tapwise(x, dy, w.shape, strides, padding, dilation)
       row['tap-wise weight gradient ms'] = timed(tapwise, x, dy, iters=iters)
