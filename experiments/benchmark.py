@@ -150,6 +150,17 @@ def make_step(s, mode: str, parallel: str):
   return jax.jit(forward, in_shardings=(repl, batch_sh), out_shardings=batch_sh)
 
 
+def step_args(s, mode: str, batch: int, size, num_classes: int = 21, seed: int = 0) -> list:
+  """A fresh state and batch on ``s``'s mesh, as ``make_step``'s function for ``mode`` takes
+  them (a list: a train step's caller puts the new state in place of the donated one)."""
+  state = s.init(jax.random.key(seed))
+  data = sharding.put_batch(make_inputs(batch, size, num_classes, seed), s.mesh)
+  if mode == 'train':
+    return [state, data]
+  # the optimizer state is no input of the forward pass (and frees its memory)
+  return [state.replace(opt_state=()), data['image']]
+
+
 def run(model_name: str, *, size=(512, 512), batch: int = 1, dtype: str = 'float32',
         mode: str = 'inference', parallel: str = 'jit', num_classes: int = 21,
         iters: int = 5, repeats: int = 3, warmup: int = 2, num_devices: int = -1,
@@ -162,14 +173,8 @@ def run(model_name: str, *, size=(512, 512), batch: int = 1, dtype: str = 'float
             config_overrides=config_overrides, aux_weight=aux_weight)
   sharding.check_batch_size(batch, s.mesh)
   fn = make_step(s, mode, parallel)
-  state = s.init(jax.random.key(seed))
-  n_params = sum(x.size for x in jax.tree.leaves(state.params))
-  data = sharding.put_batch(make_inputs(batch, size, num_classes, seed), s.mesh)
-  if mode == 'train':
-    args = [state, data]
-  else:  # the optimizer state is no input of the forward pass (and frees its memory)
-    args = [state.replace(opt_state=()), data['image']]
-  del state
+  args = step_args(s, mode, batch, size, num_classes, seed)
+  n_params = sum(x.size for x in jax.tree.leaves(args[0].params))
 
   t0 = time.perf_counter()
   lowered = fn.lower(*args)

@@ -109,9 +109,7 @@ def main(argv=None):
   hardware.set_cpu_xla_flags(inference_only=a.mode != 'train')
   s = benchmark.setup(a.model, size=(a.size, a.size), num_devices=a.num_devices)
   sharding.check_batch_size(a.batch, s.mesh)
-  state = s.init(jax.random.key(0))
-  data = sharding.put_batch(benchmark.make_inputs(a.batch, (a.size, a.size), 21), s.mesh)
-  args = [state, data] if a.mode == 'train' else [state.replace(opt_state=()), data['image']]
+  args = benchmark.step_args(s, a.mode, a.batch, (a.size, a.size))
   compiled = compile_variants(s, a.mode, variants, args)
   memory = {n: xla_stats.memory(c)['total_bytes'] for n, c in compiled.items()}
   result = summary(alternate(compiled, args, a.mode, a.rounds))

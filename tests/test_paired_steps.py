@@ -4,7 +4,6 @@ import jax
 import pytest
 
 from experiments import benchmark, paired_steps
-from refinenet_jax import sharding
 from refinenet_jax.models import layers
 
 
@@ -25,8 +24,7 @@ def test_parse_variant():
 
 def test_variants_compile_with_their_settings_and_alternate():
   s = benchmark.setup('refinenet_tiny', size=(32, 32), num_devices=1)
-  data = sharding.put_batch(benchmark.make_inputs(1, (32, 32), 21), s.mesh)
-  args = [s.init(jax.random.key(0)), data]
+  args = benchmark.step_args(s, 'train', 1, (32, 32))
   variants = dict(map(paired_steps.parse_variant,
                       ['xla:COMPARE_POOL_GRAD_BACKENDS=', 'library:']))
   compiled = paired_steps.compile_variants(s, 'train', variants, args)
