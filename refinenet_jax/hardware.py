@@ -67,15 +67,17 @@ def chip_for(device_kind: str) -> Chip | None:
 # XLA:CPU sends every convolution and its gradients to YNNPACK by default; this flag sends them to
 # XLA's Eigen convolutions instead. BENCHMARKS.md section 7: with jax 0.12 Eigen trained
 # RefineNet-101, LW-RefineNet-50 and FCN-8s 1.2-2.5x faster on an AVX2 and an AVX-512 EPYC, and
-# ran their inference faster or (FCN-8s on AVX2) as fast. It is set only where that was
-# measured: the flag is experimental (XLA aborts at start-up on a flag it does not know, so
-# another jax line is left alone), and CPUs with AMX and non-x86 CPUs were not measured.
+# ran their inference faster or (FCN-8s on AVX2) as fast; with jax 0.10.2 it won every program
+# on the AVX2 EPYC but was mixed on the AVX-512 one (RefineNet-101 3-7% slower). It is set only
+# where that was measured: the flag is experimental (XLA aborts at start-up on a flag it does not
+# know, so another jax line is left alone), and CPUs with AMX and non-x86 CPUs were not measured.
 CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 # Even so, YNNPACK's "reduce" fusions still take a chain of convolutions ending in a max pool
 # (FCN-8s's forward); processes that only run inference leave those out too: FCN-8s inference
 # 1.6x faster, while training steps lost 10-18% without YNNPACK's reductions (section 7).
 CPU_INFERENCE_FLAG = f'{CPU_CONV_FLAG},-reduce'
-CPU_CONV_JAX = '0.12.'
+# jax line (version prefix) -> the CPU features that keep the flag off on it.
+CPU_CONV_JAX = {'0.12.': frozenset(), '0.10.': frozenset({'avx512f'})}
 
 
 def cpu_xla_flags(xla_flags: str, jax_version: str, machine: str,
@@ -86,9 +88,10 @@ def cpu_xla_flags(xla_flags: str, jax_version: str, machine: str,
   A user's own ``xla_cpu_experimental_ynn_fusion_type`` wins; ``cpu_flags`` None (unknown CPU
   features) counts as unmeasured.
   """
-  if ('xla_cpu_experimental_ynn_fusion_type' in xla_flags
-      or not jax_version.startswith(CPU_CONV_JAX) or machine.lower() not in ('x86_64', 'amd64')
-      or cpu_flags is None or 'amx_tile' in cpu_flags):
+  ruled_out = next((v for k, v in CPU_CONV_JAX.items() if jax_version.startswith(k)), None)
+  if ('xla_cpu_experimental_ynn_fusion_type' in xla_flags or ruled_out is None
+      or machine.lower() not in ('x86_64', 'amd64') or cpu_flags is None
+      or cpu_flags & (ruled_out | {'amx_tile'})):
     return xla_flags
   return f'{xla_flags} {CPU_INFERENCE_FLAG if inference_only else CPU_CONV_FLAG}'.strip()
 

@@ -22,10 +22,12 @@ def test_flag_is_added_only_where_it_was_measured():
                            f'--xla_force_host_platform_device_count=8 {CPU_CONV_FLAG}')
   assert cpu_xla_flags('', '0.12.0.1', 'x86_64', AVX2, inference_only=True) == (
       CPU_INFERENCE_FLAG)
-  assert cpu_xla_flags('', '0.10.2', 'x86_64', AVX2, inference_only=True) == ''
+  assert cpu_xla_flags('', '0.10.2', 'x86_64', AVX2) == CPU_CONV_FLAG
+  assert cpu_xla_flags('', '0.10.2', 'x86_64', AVX2, inference_only=True) == CPU_INFERENCE_FLAG
   assert cpu_xla_flags(YNN_CONV, '0.12.0.1', 'x86_64', AVX2, inference_only=True) == YNN_CONV
   for unchanged in [
-      ('', '0.10.2', 'x86_64', AVX2),  # measured mixed on 0.10.2 (RefineNet-101 slower)
+      ('', '0.10.2', 'x86_64', AVX2 | {'avx512f'}),  # mixed there (RefineNet-101 slower)
+      ('', '0.11.0', 'x86_64', AVX2),  # a jax line not measured
       ('', '0.13.0', 'x86_64', AVX2),  # a jax that may not know the flag
       ('', '0.12.0.1', 'aarch64', AVX2),
       ('', '0.12.0.1', 'x86_64', AVX2 | {'amx_tile'}),  # AMX: not measured
